@@ -1,0 +1,52 @@
+"""qilin-med-vl: Qilin-Med-VL and the HiA adapter, native to Hugging Face transformers and PEFT.
+
+Importing the package registers the config, model, image processor and processor with transformers' auto classes
+(so local folders load without `trust_remote_code`) and the HiA adapter type with PEFT.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .modeling.configuration_qilin_med_vl import QilinMedVLConfig
+from .modeling.modeling_qilin_med_vl import (
+    QilinMedVLForConditionalGeneration,
+    QilinMedVLModel,
+    QilinMedVLPreTrainedModel,
+)
+from .processing.image_loading_qilin import ImageLoadingError, load_image
+from .processing.image_processing_qilin import QilinImageProcessor
+from .processing.processing_qilin import QilinProcessor
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    AutoConfig.register(QilinMedVLConfig.model_type, QilinMedVLConfig, exist_ok=True)
+    AutoModel.register(QilinMedVLConfig, QilinMedVLForConditionalGeneration, exist_ok=True)
+    AutoModelForImageTextToText.register(QilinMedVLConfig, QilinMedVLForConditionalGeneration, exist_ok=True)
+    AutoImageProcessor.register(QilinMedVLConfig, slow_image_processor_class=QilinImageProcessor, exist_ok=True)
+    AutoProcessor.register(QilinMedVLConfig, QilinProcessor, exist_ok=True)
+    # So that save_pretrained writes `auto_map` and copies the remote-code files next to the weights.
+    QilinMedVLConfig.register_for_auto_class()
+    QilinMedVLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    QilinImageProcessor.register_for_auto_class("AutoImageProcessor")
+    QilinProcessor.register_for_auto_class("AutoProcessor")
+
+
+_register()
+
+__all__ = [
+    "ImageLoadingError",
+    "QilinImageProcessor",
+    "QilinMedVLConfig",
+    "QilinMedVLForConditionalGeneration",
+    "QilinMedVLModel",
+    "QilinMedVLPreTrainedModel",
+    "QilinProcessor",
+    "load_image",
+]

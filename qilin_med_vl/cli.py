@@ -1,0 +1,102 @@
+# Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
+"""The `qilin-med-vl` command line."""
+
+import argparse
+import sys
+
+
+def _load(args):
+    """Model and processor from `args.model` (+ adapter), on `args.device`, optionally quantized."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import qilin_med_vl  # noqa: F401  (registers the auto classes)
+
+    load_kwargs = {}
+    if args.load_in_4bit or args.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        load_kwargs["device_map"] = args.device or "auto"
+    elif args.device:
+        load_kwargs["device_map"] = args.device
+    if args.dtype:
+        load_kwargs["dtype"] = getattr(torch, args.dtype)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, **load_kwargs).eval()
+    if args.adapter:
+        model.load_adapter(args.adapter)
+    processor = AutoProcessor.from_pretrained(args.model)
+    return model, processor
+
+
+def _user_message(images, question):
+    content = [{"type": "image", "path": image} for image in images]
+    return {"role": "user", "content": content + [{"type": "text", "text": question}]}
+
+
+def _answer(model, processor, messages, max_new_tokens, stream=sys.stdout):
+    """Generate one assistant turn, printing tokens as they come; returns the answer text."""
+    from transformers import TextStreamer
+
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    ).to(model.device)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+    stream.flush()
+    return processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def chat(args) -> int:
+    model, processor = _load(args)
+    if args.question:
+        _answer(model, processor, [_user_message(args.image, args.question)], args.max_new_tokens)
+        return 0
+    # Multi-turn: the images belong to the first user turn; later turns talk about the same images.
+    messages, images = [], list(args.image)
+    print("Multi-turn chat; an empty line or Ctrl-D ends it.", file=sys.stderr)
+    while True:
+        try:
+            question = input("USER: ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        messages.append(_user_message(images, question))
+        images = []
+        print("ASSISTANT: ", end="", flush=True)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": _answer(model, processor, messages, args.max_new_tokens)}]})
+    return 0
+
+
+def _add_model_arguments(parser):
+    parser.add_argument("--model", required=True, help="local folder or Hub repo id of a Qilin-Med-VL model")
+    parser.add_argument("--adapter", help='adapter to load: "hia" (the model repo\'s hia/ subfolder) or a folder')
+    parser.add_argument("--device", help='device or device_map, e.g. "cpu", "cuda:0", "auto"')
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (language model only)")
+    quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (language model only)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qilin-med-vl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    chat_parser = commands.add_parser("chat", help="ask about one or more images (PNG, JPEG, DICOM)")
+    _add_model_arguments(chat_parser)
+    chat_parser.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    chat_parser.add_argument("question", nargs="?", help="the question; omit it for a multi-turn chat")
+    chat_parser.set_defaults(handler=chat)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

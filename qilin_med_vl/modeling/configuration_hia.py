@@ -1,0 +1,71 @@
+# Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of HiA, the High-resolution instruction-aware Adapter (Ding et al., MICCAI 2024), as a PEFT config.
+
+Remote code: imports only peft/stdlib.
+"""
+
+import enum
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+
+
+class HiAPeftType(str, enum.Enum):
+    """PEFT's `PeftType` enum is closed; a str-enum member compares and hashes equal to "HIA" (so JSON round-trips)
+    and has `.value`, which is all PEFT and transformers read."""
+
+    HIA = "HIA"
+
+
+@dataclass
+class HiAConfig(PeftConfig):
+    """
+    HiA adds, after chosen decoder layers of the language model, a block that (1) extracts from a high-resolution
+    CNN feature grid of each image what the instruction asks about (M learnable queries plus a projection of the
+    instruction's last token h_last) and (2) injects it into that image's low-resolution tokens by cross-attention.
+    The shared high-resolution encoder lives in the block of the first chosen layer. A new adapter is the identity
+    (zero-initialised output projection). Only the encoder and the blocks train; the base model stays frozen.
+    """
+
+    layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Decoder layers (0-based) after which HiA acts. Default: [L // 3, 2 * L // 3]."},
+    )
+    num_queries: int = field(default=256, metadata={"help": "Learnable instruction-aware queries M per image."})
+    num_heads: int = field(default=8, metadata={"help": "Attention heads of the extractor and injection blocks."})
+    hidden_size: int | None = field(
+        default=None, metadata={"help": "Adapter width D. Default: the language model's hidden size, as in the paper."}
+    )
+    high_res_size: int = field(
+        default=672,
+        metadata={"help": "Side of the high-resolution view the adapter expects; 336 reproduces the 'w/o HR' ablation."},
+    )
+    instruction_aware: bool = field(
+        default=True,
+        metadata={"help": "Add Linear(h_last) to the queries; False reproduces the paper's 'w/o IA' ablation."},
+    )
+    encoder_depths: list[int] = field(
+        default_factory=lambda: [3, 4, 6, 3],
+        metadata={"help": "Bottleneck blocks per stage of the ResNet-style encoder ([3, 4, 6, 3] = ResNet-50)."},
+    )
+    encoder_width: int = field(default=64, metadata={"help": "Channels of the encoder's first stage (64 = ResNet-50)."})
+    base_hidden_size: int | None = field(
+        default=None, metadata={"help": "Hidden size of the language model the adapter was built for (set on creation)."}
+    )
+    base_num_layers: int | None = field(
+        default=None, metadata={"help": "Layer count of the language model the adapter was built for (set on creation)."}
+    )
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Derived from `layers`; not meant to be set by hand."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = HiAPeftType.HIA
+        if self.layers is not None:
+            self.layers = sorted(set(int(layer) for layer in self.layers))
+            if not self.layers or self.layers[0] < 0:
+                raise ValueError(f"HiAConfig.layers must be non-negative decoder layer indices, got {self.layers}")
+        self.encoder_depths = [int(depth) for depth in self.encoder_depths]
+        if self.num_queries < 1 or self.num_heads < 1 or self.high_res_size < 32:
+            raise ValueError("HiAConfig needs num_queries >= 1, num_heads >= 1 and high_res_size >= 32")

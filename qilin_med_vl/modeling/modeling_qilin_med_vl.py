@@ -1,0 +1,354 @@
+# Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
+"""Qilin-Med-VL: CLIP vision tower + projector + Llama, with room for the HiA adapter.
+
+The module tree and weight names are those of transformers' `LlavaForConditionalGeneration`
+(`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`), built from the native
+CLIP and Llama classes, so a llava-hf state dict loads unchanged and the attention implementation (eager, sdpa,
+flash) is chosen through the config.
+
+This file travels with checkpoints as remote code: it imports only torch/transformers/peft and its flat siblings.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+
+from .configuration_qilin_med_vl import QilinMedVLConfig
+from .modeling_hia import HIA_LAYER_ATTRIBUTE, HiAInputs, find_instruction_end_index
+
+# Modules that stay in full precision when bitsandbytes quantizes the model: only the language model's linear
+# layers are quantized; the vision tower and the projector are small and sensitive to rounding.
+QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+@dataclass
+class QilinMedVLModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
+        Projected image features that replaced the `<image>` token embeddings.
+    hia_attentions (`tuple[torch.FloatTensor]`, *optional*):
+        One tensor per HiA layer, shape `(num_images, num_queries, grid_h * grid_w)`: where the instruction-aware
+        queries attended on the high-resolution grid, averaged over heads. Returned with `output_hia_attentions`.
+    hia_grid_size (`tuple[int, int]`, *optional*):
+        `(grid_h, grid_w)` of the high-resolution feature grid the attentions refer to.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+    hia_attentions: tuple[torch.FloatTensor, ...] | None = None
+    hia_grid_size: tuple[int, int] | None = None
+
+
+@dataclass
+class QilinMedVLCausalLMOutputWithPast(ModelOutput):
+    """
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token loss over positions whose label is not -100.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+    Other fields as in `QilinMedVLModelOutputWithPast`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+    hia_attentions: tuple[torch.FloatTensor, ...] | None = None
+    hia_grid_size: tuple[int, int] | None = None
+
+
+class QilinMedVLMultiModalProjector(nn.Module):
+    """Maps vision features `(num_images, image_seq_length, vision_hidden)` to `(..., text_hidden)`.
+
+    `mlp2x_gelu` has the same parameter names as transformers' `LlavaMultiModalProjector`.
+    """
+
+    def __init__(self, config: QilinMedVLConfig):
+        super().__init__()
+        vision_hidden, text_hidden = config.vision_config.hidden_size, config.text_config.hidden_size
+        bias = config.multimodal_projector_bias
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
+        if config.projector_type == "mlp2x_gelu":
+            self.act = ACT2FN[config.projector_hidden_act]
+            self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.linear_1(image_features)
+        if hasattr(self, "linear_2"):
+            hidden_states = self.linear_2(self.act(hidden_states))
+        return hidden_states
+
+
+class QilinMedVLPreTrainedModel(PreTrainedModel):
+    config_class = QilinMedVLConfig
+    config: QilinMedVLConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the HiA path scatters into data-dependent image positions
+
+
+class QilinMedVLModel(QilinMedVLPreTrainedModel):
+    """Vision tower + projector + language model (no LM head). Merges image features into the token sequence."""
+
+    def __init__(self, config: QilinMedVLConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = QilinMedVLMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """`pixel_values` `(num_images, 3, 336, 336)` -> projected features `(num_images, image_seq_length, D)`."""
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        vision_outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        selected = vision_outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]  # drop CLS
+        return self.multi_modal_projector(selected)
+
+    def get_image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Boolean `(batch_size, sequence_length)`, True at `<image>` positions."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def has_active_hia(self) -> bool:
+        return any(getattr(layer, HIA_LAYER_ATTRIBUTE, False) for layer in self.language_model.layers)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        high_res_pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hia_attentions: bool = False,
+        **kwargs,
+    ) -> QilinMedVLModelOutputWithPast:
+        """
+        input_ids: `(batch_size, sequence_length)`; every image contributes `image_seq_length` `<image>` tokens.
+        pixel_values: `(num_images, 3, 336, 336)`, images of all samples in order of appearance.
+        high_res_pixel_values: `(num_images, 3, high_res_size, high_res_size)`, used only by a HiA adapter.
+        labels: `(batch_size, sequence_length)`, only read here to find where each instruction ends (HiA).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None:
+            image_token_mask = self.get_image_token_mask(input_ids, inputs_embeds)
+            image_features = self.get_image_features(pixel_values)
+            num_image_tokens = int(image_token_mask.sum())
+            if num_image_tokens != image_features.shape[0] * image_features.shape[1]:
+                raise ValueError(
+                    f"The text holds {num_image_tokens} image tokens but {image_features.shape[0]} images were given "
+                    f"({image_features.shape[0] * image_features.shape[1]} tokens at {image_features.shape[1]} each)"
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(
+                image_token_mask.unsqueeze(-1).to(inputs_embeds.device),
+                image_features.to(inputs_embeds.device, inputs_embeds.dtype),
+            )
+            if self.has_active_hia():
+                if high_res_pixel_values is None:
+                    raise ValueError(
+                        "A HiA adapter is loaded but no high_res_pixel_values were given with the images; "
+                        "use QilinProcessor, which returns them, or disable the adapter"
+                    )
+                if high_res_pixel_values.shape[0] != image_features.shape[0]:
+                    raise ValueError(
+                        f"Got {image_features.shape[0]} low-resolution and {high_res_pixel_values.shape[0]} "
+                        "high-resolution images; they must pair up one to one"
+                    )
+                # HiA acts at prefill only: afterwards the edited visual tokens live in the KV cache.
+                kwargs["hia_inputs"] = HiAInputs(
+                    image_token_mask=image_token_mask,
+                    instruction_end_index=find_instruction_end_index(
+                        labels, attention_mask, inputs_embeds.shape[:2], inputs_embeds.device
+                    ),
+                    high_res_pixel_values=high_res_pixel_values,
+                    image_seq_length=image_features.shape[1],
+                    attentions=[] if output_hia_attentions else None,
+                )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hia_inputs = kwargs.get("hia_inputs")
+        return QilinMedVLModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            hia_attentions=tuple(hia_inputs.attentions) if hia_inputs and hia_inputs.attentions else None,
+            hia_grid_size=hia_inputs.grid_size if hia_inputs is not None else None,
+        )
+
+
+class QilinMedVLForConditionalGeneration(QilinMedVLPreTrainedModel, GenerationMixin):
+    """Qilin-Med-VL with its language-modelling head: the class `AutoModel`, `AutoModelForImageTextToText` and
+    `pipeline("image-text-to-text")` return."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: QilinMedVLConfig):
+        super().__init__(config)
+        self.model = QilinMedVLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with bitsandbytes quantizing only the language model.
+
+        `load_in_8bit=True` / `load_in_4bit=True` are accepted as shortcuts for a `BitsAndBytesConfig`. Unless the
+        config names its own `llm_int8_skip_modules`, the vision tower, projector and LM head stay unquantized.
+        """
+        load_in_8bit, load_in_4bit = kwargs.pop("load_in_8bit", False), kwargs.pop("load_in_4bit", False)
+        quantization_config = kwargs.get("quantization_config")
+        if (load_in_8bit or load_in_4bit) and quantization_config is None:
+            from transformers import BitsAndBytesConfig
+
+            quantization_config = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+        if isinstance(quantization_config, dict) and quantization_config.get("quant_method") == "bitsandbytes":
+            from transformers import BitsAndBytesConfig
+
+            quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
+        if getattr(quantization_config, "quant_method", None) == "bitsandbytes":
+            if quantization_config.llm_int8_skip_modules is None:
+                quantization_config.llm_int8_skip_modules = list(QUANTIZATION_SKIP_MODULES)
+            kwargs["quantization_config"] = quantization_config
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            # One register_for_auto_class call records one auto class; AutoModel must return this class as well.
+            entry = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.update({"AutoModel": entry, "AutoModelForImageTextToText": entry})
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def load_adapter(self, peft_model_id=None, adapter_name=None, *args, adapter_kwargs=None, **kwargs):
+        """transformers' `load_adapter`, where a bare name such as `"hia"` that is not a local folder means that
+        subfolder of the repo or folder this model was loaded from: `model.load_adapter("hia")`."""
+        import os
+
+        adapter_kwargs = dict(adapter_kwargs or {})
+        if (
+            isinstance(peft_model_id, str)
+            and "/" not in peft_model_id
+            and not os.path.isdir(peft_model_id)
+            and self.name_or_path
+        ):
+            adapter_kwargs.setdefault("subfolder", peft_model_id)
+            adapter_name = adapter_name or peft_model_id
+            peft_model_id = self.name_or_path
+        local_folder = os.path.join(peft_model_id, adapter_kwargs.get("subfolder", "")) if peft_model_id else None
+        if local_folder and os.path.isdir(local_folder):
+            if not os.path.isfile(os.path.join(local_folder, "adapter_config.json")):
+                raise ValueError(f"{local_folder} is not an adapter folder: it has no adapter_config.json")
+        return super().load_adapter(peft_model_id, adapter_name, *args, adapter_kwargs=adapter_kwargs, **kwargs)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        high_res_pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hia_attentions: bool = False,
+        **kwargs,
+    ) -> QilinMedVLCausalLMOutputWithPast:
+        """Shapes as in `QilinMedVLModel.forward`; `labels` `(batch_size, sequence_length)` with -100 where no
+        loss is taken (the prompt, images, padding); they are shifted inside the loss."""
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            high_res_pixel_values=high_res_pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_hia_attentions=output_hia_attentions,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return QilinMedVLCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            hia_attentions=outputs.hia_attentions,
+            hia_grid_size=outputs.hia_grid_size,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        # Like pixel_values (dropped by transformers), the high-resolution view is read only at prefill; keeping it
+        # would re-run the HiA encoder on every decode step.
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            model_inputs.pop("high_res_pixel_values", None)
+        return model_inputs
+
+
+__all__ = ["QilinMedVLModel", "QilinMedVLForConditionalGeneration", "QilinMedVLPreTrainedModel"]

@@ -1,0 +1,5 @@
+"""The processor files that travel with checkpoints as remote code (one flat folder, single-dot imports only)."""
+
+from .image_loading_qilin import ImageLoadingError, load_image
+from .image_processing_qilin import QilinImageProcessor
+from .processing_qilin import QilinProcessor

@@ -1,0 +1,181 @@
+# Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
+"""QilinProcessor: QilinImageProcessor + the Llama tokenizer + the vicuna `v1` chat template.
+
+Remote code: imports only torch/numpy/PIL/transformers and flat siblings.
+"""
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+# The vicuna `v1` template Qilin-Med-VL was trained with (LLaVA `conv_vicuna_v1`): the system prompt, then
+# "USER: ... ASSISTANT: ...</s>" turns, a space after each user turn and "</s>" after each assistant turn.
+# Image blocks render as "<image>\n" where they stand in the content, which for one leading image is exactly the
+# original's "<image>\n{question}".
+DEFAULT_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='" + DEFAULT_SYSTEM_PROMPT.replace("'", "\\'") + "') -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('') -%}{%- endif -%}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{{- ns.system + ' ' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
+    "{%- else -%}{{- raise_exception('Only system, user and assistant roles are supported, got ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for block in message['content'] -%}"
+    "{%- if block['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- ' ' -}}{%- else -%}{{- '</s>' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+class QilinProcessor(ProcessorMixin):
+    r"""
+    Builds model inputs from text with `<image>` placeholders and the images they stand for.
+
+    Each `<image>` becomes `image_seq_length` image tokens. Text is tokenized the way the original LLaVA-era code
+    did: split at the placeholders, each piece tokenized on its own (so SentencePiece adds its word-start marker at
+    every piece), image tokens spliced in between, one BOS at the start.
+
+    Args:
+        image_processor (`QilinImageProcessor`): makes `pixel_values` and `high_res_pixel_values`.
+        tokenizer: the Llama tokenizer, with `<image>` in its vocabulary.
+        chat_template (`str`, *optional*): defaults to the vicuna `v1` template the model was trained with.
+        image_token (`str`, *optional*, defaults to `"<image>"`): the placeholder.
+        image_seq_length (`int`, *optional*, defaults to 576): image tokens per image (the model config's value).
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(
+        self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", image_seq_length=576
+    ):
+        self.image_token = image_token
+        self.image_seq_length = image_seq_length
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {image_token!r} token; add it as a special token first")
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or VICUNA_V1_CHAT_TEMPLATE)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values", "high_res_pixel_values"]
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        padding=True,
+        padding_side=None,
+        return_tensors=None,
+        add_special_tokens=True,
+        max_length=None,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Args:
+            images: one image, a flat list for all samples in order, or one list per sample. An image is a PIL
+                image, numpy array, torch tensor or file path (PNG/JPEG/DICOM).
+            text (`str` or `list[str]`): prompts with one `<image>` per image, anywhere in the text.
+            padding: as for the tokenizer (`True` pads to the longest sample, on `padding_side`).
+            max_length (`int`, *optional*): the length limit after image expansion; defaults to the tokenizer's
+                `model_max_length`. Longer prompts raise instead of being truncated (never inside an image).
+            **kwargs: image-processor options (`high_res_size`, `return_high_res`, `frame`, ...).
+
+        Returns:
+            `BatchFeature` with `input_ids` and `attention_mask` `(batch_size, sequence_length)`, and when images
+            are given `pixel_values` `(num_images, 3, 336, 336)` and `high_res_pixel_values`
+            `(num_images, 3, high_res_size, high_res_size)`.
+        """
+        if text is None:
+            raise ValueError("QilinProcessor needs text: a prompt with one <image> placeholder per image")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("text must be a string or a list of strings")
+        images_per_sample = self._match_images_to_text(images, texts)
+
+        data = {}
+        flat_images = [image for sample in images_per_sample for image in sample]
+        if flat_images:
+            image_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in self.image_processor.valid_kwargs.__annotations__}
+            image_kwargs.update(kwargs.pop("images_kwargs", None) or {})
+            data.update(self.image_processor(flat_images, return_tensors=return_tensors, **image_kwargs))
+
+        limit = max_length or self.tokenizer.model_max_length
+        input_ids = []
+        for index, sample_text in enumerate(texts):
+            ids = self._tokenize_with_image_tokens(sample_text, add_special_tokens)
+            if limit is not None and len(ids) > limit:
+                raise ValueError(
+                    f"Prompt {index} is {len(ids)} tokens long after expanding its {len(images_per_sample[index])} "
+                    f"image(s) to {self.image_seq_length} tokens each, over the limit of {limit}; shorten the text "
+                    "or use fewer images (prompts are never truncated inside an image)"
+                )
+            input_ids.append(ids)
+        padded = self.tokenizer.pad(
+            {"input_ids": input_ids},
+            padding=padding,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
+            return_attention_mask=True,
+        )
+        data.update(padded)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _match_images_to_text(self, images, texts) -> list[list]:
+        """Split `images` into one list per sample, checking the placeholder counts."""
+        counts = [t.count(self.image_token) for t in texts]
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        nested = len(images) > 0 and all(isinstance(item, (list, tuple)) for item in images)
+        if nested:
+            if len(images) != len(texts):
+                raise ValueError(f"Got {len(texts)} prompts but {len(images)} lists of images")
+            for index, (count, sample_images) in enumerate(zip(counts, images)):
+                if count != len(sample_images):
+                    raise ValueError(
+                        f"Prompt {index} has {count} {self.image_token} placeholder(s) but {len(sample_images)} "
+                        "image(s) were given for it"
+                    )
+            return [list(sample_images) for sample_images in images]
+        if sum(counts) != len(images):
+            raise ValueError(
+                f"The text has {sum(counts)} {self.image_token} placeholder(s) but {len(images)} image(s) were given"
+            )
+        split, start = [], 0
+        for count in counts:
+            split.append(list(images[start : start + count]))
+            start += count
+        return split
+
+    def _tokenize_with_image_tokens(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of one prompt with each placeholder expanded to `image_seq_length` image tokens."""
+        ids = [self.tokenizer.bos_token_id] if add_special_tokens and self.tokenizer.bos_token_id is not None else []
+        for index, chunk in enumerate(text.split(self.image_token)):
+            if index > 0:
+                ids.extend([self.image_token_id] * self.image_seq_length)
+            if chunk:
+                ids.extend(self.tokenizer(chunk, add_special_tokens=False)["input_ids"])
+        return ids
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        """Decode generated ids (the prompt part already removed by the caller) to text."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+__all__ = ["QilinProcessor"]
