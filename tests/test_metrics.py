@@ -385,7 +385,9 @@ def test_score_by_task_loads_metric_and_jieba():
     assert list(result["per_task"]) == ["CT", "X-ray"]
     assert result["per_task"]["X-ray"]["bleu_4"] == pytest.approx(100.0)
     metric = load_caption_metrics()
-    ct = metric.compute(predictions=[records[0]["prediction"]], references=[records[0]["references"]], tokenizer="jieba")
+    ct = metric.compute(
+        predictions=[records[0]["prediction"]], references=[records[0]["references"]], tokenizer="jieba"
+    )
     assert result["per_task"]["CT"]["bleu_4"] == pytest.approx(ct["bleu_4"])
     assert result["per_task"]["CT"]["meteor"] == pytest.approx(ct["meteor"])
 

@@ -147,7 +147,8 @@ def format_markdown_table(
             task_order.extend(task for task in row["per_task"] if task not in task_order)
     task_order = list(task_order)
 
-    header = (["Model"] if labelled else []) + [f"{task} {col}" for task in task_order for col in ("B4", "M")] + ["AVG"]
+    score_columns = [f"{task} {col}" for task in task_order for col in ("B4", "M")]
+    header = (["Model"] if labelled else []) + score_columns + ["AVG"]
     align = ([":---"] if labelled else []) + ["---:"] * (len(header) - (1 if labelled else 0))
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
 

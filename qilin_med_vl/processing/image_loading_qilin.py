@@ -79,7 +79,8 @@ def load_image(image: Any, frame: int | None = None) -> Image.Image:
             - PIL image in any mode. 16-bit and 32-bit modes ("I;16", "I", "F") are min-max scaled to 0..255; modes
               with transparency are composited on black.
             - Array or tensor of shape `(height, width)`, `(height, width, channels)` with channels 1, 3 or 4, or
-              `(channels, height, width)` with channels 1 or 3 (channels-last wins when both readings fit). `uint8`
+              `(channels, height, width)` with channels 1 or 3 (channels-first wins when both readings fit, as in
+              transformers' `infer_channel_dimension_format`). `uint8`
               values are used as they are; floats within [0, 1] are multiplied by 255; any other integer or float
               data is min-max scaled to 0..255 (a constant image becomes black).
             - Path to a local file: anything PIL reads (PNG, JPEG, BMP, TIFF, ...) or DICOM (see `load_dicom`). URLs
@@ -342,7 +343,9 @@ def _tensor_to_numpy(tensor: Any) -> np.ndarray:
 
 def _array_to_rgb(array: np.ndarray) -> Image.Image:
     """`(H, W)`, `(H, W, C)` with C in 1/3/4, or `(C, H, W)` with C in 1/3 -> RGB PIL image of size `(W, H)`."""
-    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3):
+    # Channels-first wins when both readings fit, as in transformers: a (1, 4, 4) tensor is a 4x4 grey image, not
+    # a 1x4 RGBA strip, and images 1 or 3 pixels high are far rarer than channels-first tensors.
+    if array.ndim == 3 and array.shape[0] in (1, 3):
         array = np.moveaxis(array, 0, -1)
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4))):
         raise ImageLoadingError(

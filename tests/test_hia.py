@@ -1,0 +1,370 @@
+"""HiA as a PEFT adapter: the paper's architecture, the correctness rules the original code broke, and the
+PEFT / transformers integration paths."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from qilin_med_vl.modeling.configuration_hia import HiAConfig
+from qilin_med_vl.modeling.modeling_hia import HiABlock, HiALayer
+from qilin_med_vl.testing import tiny_model
+
+from conftest import random_image
+
+
+def hia_config(**overrides):
+    values = dict(num_queries=8, num_heads=4, encoder_depths=[1, 1], encoder_width=8, high_res_size=56)
+    return HiAConfig(**{**values, **overrides})
+
+
+def perturb(model, seed=0, std=0.3):
+    """Give every HiA block a non-zero output projection, so the adapter is no longer the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, HiABlock):
+            with torch.no_grad():
+                module.output_proj.weight.copy_(torch.randn(module.output_proj.weight.shape, generator=generator) * std)
+    return model
+
+
+def hia_model(seed=0, perturbed=True, **overrides):
+    model = get_peft_model(tiny_model(), hia_config(**overrides))
+    model.eval()
+    return perturb(model, seed) if perturbed else model
+
+
+COMPARE = "USER: <image>\n<image>\n第一张和第二张分别是治疗前后的图片，请对比两张图片。 ASSISTANT:"
+
+
+def test_default_layers_are_l_over_3_and_2l_over_3():
+    model = get_peft_model(tiny_model(num_hidden_layers=6), hia_config())
+    config = model.peft_config["default"]
+    assert config.layers == [2, 4]
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, HiALayer)]
+    assert wrapped == ["base_model.model.model.language_model.layers.2", "base_model.model.model.language_model.layers.4"]
+    assert HiAConfig().num_queries == 256 and HiAConfig().high_res_size == 672
+    assert config.base_hidden_size == 64 and config.base_num_layers == 6
+
+
+def test_new_adapter_is_the_identity(processor, images):
+    base = tiny_model()
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        expected = base(**inputs).logits
+        adapted = get_peft_model(tiny_model(), hia_config()).eval()
+        torch.testing.assert_close(adapted(**inputs).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_only_encoder_and_blocks_train_and_queries_are_parameters():
+    model = get_peft_model(tiny_model(), hia_config())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".hia.default." in name for name in trainable)
+    assert any(name.endswith("hia.default.queries") for name in trainable)
+    assert sum(".hia.default.encoder." in name for name in trainable) > 0
+    encoders = [m for m in model.modules() if isinstance(m, HiABlock) and m.encoder is not None]
+    assert len(encoders) == 1  # one shared high-resolution encoder, in the first HiA layer
+
+
+def _training_batch(processor, answers, padding_side):
+    prompts = ["USER: <image>\n描述图片。 ASSISTANT:", "USER: <image>\n<image>\n对比两张图片的变化。 ASSISTANT:"]
+    texts = [p + " " + a + "</s>" for p, a in zip(prompts, answers)]
+    batch = processor(images=[[random_image(0)], [random_image(1), random_image(2)]], text=texts,
+                      return_tensors="pt", padding_side=padding_side)
+    labels = batch["input_ids"].clone()
+    for row, prompt in enumerate(prompts):
+        prompt_length = len(processor(images=[random_image(0)] * prompt.count("<image>"), text=prompt)["input_ids"][0])
+        real = batch["attention_mask"][row].nonzero().flatten()
+        start = int(real[0])
+        labels[row, : start + prompt_length] = -100
+        labels[row, batch["attention_mask"][row] == 0] = -100
+    return batch, labels
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_answer_tokens_never_reach_earlier_positions(processor, padding_side):
+    """h_last is the token before the first supervised one: changing an answer token changes no earlier logit."""
+    model = hia_model()
+    batch_a, labels_a = _training_batch(processor, ["左侧股骨下段可见片状低密度影", "好转"], padding_side)
+    batch_b, labels_b = _training_batch(processor, ["右侧股骨下段可见片状低密度影", "加重"], padding_side)
+    assert torch.equal(labels_a != -100, labels_b != -100)
+    with torch.no_grad():
+        logits_a = model(**batch_a, labels=labels_a).logits
+        logits_b = model(**batch_b, labels=labels_b).logits
+    for row in range(2):
+        changed = (batch_a["input_ids"][row] != batch_b["input_ids"][row]).nonzero().flatten()
+        first_change = int(changed[0])
+        torch.testing.assert_close(logits_a[row, :first_change], logits_b[row, :first_change], atol=1e-6, rtol=0)
+        assert not torch.allclose(logits_a[row, first_change:], logits_b[row, first_change:])
+
+
+def test_instruction_changes_what_is_injected(processor, images):
+    model = hia_model()
+    a = processor(images=images[:1], text="USER: <image>\n左侧有无骨折？ ASSISTANT:", return_tensors="pt")
+    b = processor(images=images[:1], text="USER: <image>\n右侧有无骨折？ ASSISTANT:", return_tensors="pt")
+    image_positions = a["input_ids"][0] == processor.image_token_id
+    with torch.no_grad():
+        hidden_a = model(**a, output_hidden_states=True).hidden_states[-1][0, image_positions]
+        hidden_b = model(**b, output_hidden_states=True).hidden_states[-1][0, image_positions]
+    assert not torch.allclose(hidden_a, hidden_b)  # the image tokens saw the (different) instruction
+    blind = hia_model(instruction_aware=False)
+    with torch.no_grad():
+        hidden_a = blind(**a, output_hidden_states=True).hidden_states[-1][0, image_positions]
+        hidden_b = blind(**b, output_hidden_states=True).hidden_states[-1][0, image_positions]
+    torch.testing.assert_close(hidden_a, hidden_b)  # "w/o IA": the instruction does not enter
+
+
+def test_each_sample_uses_its_own_images_and_text_only_samples_pass_through(processor, images):
+    model = hia_model()
+    texts = ["USER: 你好 ASSISTANT:", "USER: <image>\n描述 ASSISTANT:", "USER: <image>\n<image>\n<image>\n对比三张 ASSISTANT:"]
+    sample_images = [[], images[:1], images[1:4]]
+    batch = processor(images=sample_images, text=texts, return_tensors="pt", padding_side="left")
+    with torch.no_grad():
+        batched = model(**batch).logits
+        for row, (text, sample) in enumerate(zip(texts, sample_images)):
+            single = processor(images=sample or None, text=text, return_tensors="pt")
+            length = single["input_ids"].shape[1]
+            torch.testing.assert_close(batched[row, -length:], model(**single).logits[0], atol=1e-4, rtol=0)
+        text_only = processor(text=texts[0], return_tensors="pt")
+        with model.disable_adapter():
+            base_logits = model(**text_only).logits
+        torch.testing.assert_close(model(**text_only).logits, base_logits, atol=0, rtol=0)
+
+
+def test_adapter_changes_image_conditioned_outputs(processor, images):
+    model = hia_model()
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        with model.disable_adapter():
+            base = model(**inputs).logits
+    assert (adapted - base).abs().max() > 1e-3
+
+
+def test_greedy_generation_equals_a_teacher_forced_pass(processor, images):
+    model = hia_model()
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prompt_length = inputs["input_ids"].shape[1]
+    labels = generated.clone()
+    labels[:, :prompt_length] = -100  # so h_last is the last prompt token, as at inference
+    with torch.no_grad():
+        logits = model(input_ids=generated, pixel_values=inputs["pixel_values"],
+                       high_res_pixel_values=inputs["high_res_pixel_values"], labels=labels).logits
+    assert torch.equal(logits[0, prompt_length - 1 : -1].argmax(-1), generated[0, prompt_length:])
+
+
+def test_high_res_view_is_dropped_after_prefill(processor, images):
+    model = hia_model()
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    encoder = next(m.encoder for m in model.modules() if isinstance(m, HiABlock) and m.encoder is not None)
+    calls = []
+    handle = encoder.register_forward_hook(lambda *args: calls.append(1))
+    model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    handle.remove()
+    assert len(calls) == 1
+
+
+def test_batched_generation_matches_one_prompt_at_a_time(processor, images):
+    model = hia_model()
+    texts = [COMPARE, "USER: <image>\n描述图片。 ASSISTANT:", "USER: 你好 ASSISTANT:"]
+    sample_images = [images[:2], images[2:3], []]
+    batch = processor(images=sample_images, text=texts, return_tensors="pt", padding_side="left")
+    out = model.generate(**batch, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    scores = torch.stack(out.scores, dim=1)
+    for row, (text, sample) in enumerate(zip(texts, sample_images)):
+        single = processor(images=sample or None, text=text, return_tensors="pt")
+        single_out = model.generate(**single, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        torch.testing.assert_close(scores[row], torch.stack(single_out.scores, dim=1)[0], atol=1e-4, rtol=0)
+
+
+def test_base_stays_bit_identical_after_training_steps(processor, images):
+    model = get_peft_model(tiny_model(), hia_config())
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    adapter_before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = processor(images=images[:2], text=COMPARE + " 好转</s>", return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    for _ in range(3):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        if name in before:
+            assert torch.equal(p, before[name]), name
+    changed = [name for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p, adapter_before[name])]
+    assert any("queries" in name for name in changed) and any("encoder" in name for name in changed)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(processor, images):
+    batch = processor(images=images[:2], text=COMPARE + " 好转</s>", return_tensors="pt")
+    grads = []
+    for checkpointing in (False, True):
+        model = hia_model()
+        model.train()
+        if checkpointing:
+            model.base_model.model.activation_checkpointing_enable()
+            model.enable_input_require_grads()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_forward(processor, images):
+    model = hia_model().to(torch.bfloat16)
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    logits = model(**inputs).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_extractor_attention_is_returned_per_layer_and_image(processor, images):
+    model = hia_model()
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    out = model(**inputs, output_hia_attentions=True)
+    assert len(out.hia_attentions) == 2  # two HiA layers
+    grid_h, grid_w = out.hia_grid_size
+    assert out.hia_attentions[0].shape == (2, 8, grid_h * grid_w)
+    torch.testing.assert_close(out.hia_attentions[0].sum(-1), torch.ones(2, 8))
+
+
+def test_save_writes_only_the_adapter_and_loads_under_any_name(processor, images, tmp_path):
+    model = hia_model()
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert all(".hia." in key and ".default." not in key for key in saved)
+    assert any(key.endswith("hia.queries") for key in saved)
+    assert any("running_mean" in key for key in saved)  # BatchNorm statistics of the encoder travel too
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "HIA" and config["layers"] == [1, 2]
+
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path, adapter_name="xray").eval()
+        torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-6, rtol=0)
+        native = tiny_model()
+        native.load_adapter(str(tmp_path), adapter_name="other")
+        torch.testing.assert_close(native(**inputs).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_several_named_adapters(processor, images, tmp_path):
+    first, second = hia_model(seed=1), hia_model(seed=2)
+    first.save_pretrained(tmp_path / "first")
+    second.save_pretrained(tmp_path / "second")
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        expected_first, expected_second = first(**inputs).logits, second(**inputs).logits
+        model = PeftModel.from_pretrained(tiny_model(), tmp_path / "first", adapter_name="first")
+        model.load_adapter(tmp_path / "second", adapter_name="second")
+        model.eval()
+        model.set_adapter("second")
+        torch.testing.assert_close(model(**inputs).logits, expected_second, atol=1e-6, rtol=0)
+        model.set_adapter("first")
+        torch.testing.assert_close(model(**inputs).logits, expected_first, atol=1e-6, rtol=0)
+
+
+@pytest.fixture
+def folder_with_hia(tmp_path, processor):
+    tiny_model().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    adapted = hia_model()
+    adapted.save_pretrained(tmp_path / "hia")
+    return tmp_path, adapted
+
+
+def test_load_adapter_by_bare_name_and_adapter_kwargs(folder_with_hia, processor, images):
+    from transformers import AutoModelForImageTextToText
+
+    folder, adapted = folder_with_hia
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        expected = adapted(**inputs).logits
+        model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+        model.load_adapter("hia")
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-6, rtol=0)
+        direct = AutoModelForImageTextToText.from_pretrained(folder, adapter_kwargs={"subfolder": "hia"}).eval()
+        torch.testing.assert_close(direct(**inputs).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_pipeline_with_hia_loaded(folder_with_hia, processor, images, tmp_path):
+    from transformers import AutoModelForImageTextToText, pipeline
+
+    folder, _ = folder_with_hia
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    model.load_adapter("hia")
+    for index in range(2):
+        images[index].save(tmp_path / f"{index}.png")
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "0.png")},
+                                             {"type": "image", "path": str(tmp_path / "1.png")},
+                                             {"type": "text", "text": "请对比两张图片。"}]}]
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    out = pipe(text=messages, generate_kwargs={"max_new_tokens": 5, "do_sample": False}, return_full_text=False)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"] == processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_clear_errors(folder_with_hia, processor, images, tmp_path):
+    folder, adapted = folder_with_hia
+    inputs = processor(images=images[:1], text="<image>\n描述", return_tensors="pt")
+    with pytest.raises(ValueError, match="no high_res_pixel_values"):
+        adapted(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    wrong_size = processor(images=images[:1], text="<image>\n描述", return_tensors="pt", high_res_size=84)
+    with pytest.raises(ValueError, match="built for 56x56 .* got 84x84"):
+        adapted(**wrong_size)
+    with pytest.raises(ValueError, match="hidden size 64, but the model has 128"):
+        PeftModel.from_pretrained(tiny_model(hidden_size=128), folder / "hia")
+    with pytest.raises(ValueError, match="built for a language model of 3 layers, but the model has 4"):
+        PeftModel.from_pretrained(tiny_model(num_hidden_layers=4), folder / "hia")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        tiny_model().load_adapter(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="cannot be merged"):
+        adapted.merge_and_unload()
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys, torch
+    sys.modules["qilin_med_vl"] = None  # only transformers + peft + the folder's remote code
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    folder = sys.argv[1]
+    expected = torch.load(folder + "/expected.pt")
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(images=[folder + "/0.png", folder + "/1.png"], text=expected["text"], return_tensors="pt")
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    model.load_adapter("hia")
+    torch.testing.assert_close(model(**inputs).logits, expected["logits"], atol=1e-6, rtol=0)
+    direct = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, adapter_kwargs={"subfolder": "hia"})
+    torch.testing.assert_close(direct(**inputs).logits, expected["logits"], atol=1e-6, rtol=0)
+    peft_model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True), folder + "/hia")
+    torch.testing.assert_close(peft_model(**inputs).logits, expected["logits"], atol=1e-6, rtol=0)
+    print("FRESH-HIA-OK")
+    """
+)
+
+
+def test_hia_loads_in_a_fresh_process_with_remote_code_only(folder_with_hia, processor, images, tmp_path):
+    folder, adapted = folder_with_hia
+    for index in range(2):
+        images[index].save(folder / f"{index}.png")
+    inputs = processor(images=[str(folder / "0.png"), str(folder / "1.png")], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        torch.save({"logits": adapted(**inputs).logits, "text": COMPARE}, folder / "expected.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(folder)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FRESH-HIA-OK" in result.stdout
