@@ -90,10 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     chat_parser.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     chat_parser.add_argument("question", nargs="?", help="the question; omit it for a multi-turn chat")
     chat_parser.set_defaults(handler=chat)
+    # `train` takes every TrainingArguments flag too, so it parses its own arguments (see main).
+    commands.add_parser("train", help="train a stage (align, instruct, hia) with the HF Trainer; --help for flags",
+                        add_help=False)
+    from .evaluation.run import add_cli as add_evaluate
+
+    add_evaluate(commands)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from .training.data import DataValidationError
+        from .training.train import build_parser as build_train_parser
+        from .training.train import main as train
+
+        if "-h" in argv or "--help" in argv:
+            build_train_parser().print_help()
+            print("\nEvery transformers.TrainingArguments flag is accepted too (--output-dir, --per-device-train-batch-size, ...).")
+            return 0
+        try:
+            return train(argv[1:])
+        except DataValidationError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

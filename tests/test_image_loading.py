@@ -100,6 +100,16 @@ def test_mr_small_uses_the_files_window_center_and_width():
     assert gray.min() == expected.min() > 0
 
 
+def test_ct_window_is_applied_to_hounsfield_units_after_rescale():
+    ds = pydicom.dcmread(shipped_file("CT_small.dcm"))
+    ds.RescaleIntercept = -1100  # an intercept the stored values alone would not know about
+    ds.WindowCenter, ds.WindowWidth = 40, 400  # abdomen window, in HU
+    hounsfield = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) - 1100
+    gray = dicom_to_uint8(ds)
+    np.testing.assert_array_equal(gray, to_uint8(linear_window(hounsfield, 40, 400)))
+    assert 0 < (gray == 255).mean() < 0.5  # windowing the raw stored values would have made it almost all white
+
+
 def test_first_window_is_used_when_window_is_multi_valued():
     ds = pydicom.dcmread(shipped_file("MR_small.dcm"))
     ds.WindowCenter = [900, 40]
@@ -445,6 +455,14 @@ def test_unreadable_file_is_neither_image_nor_dicom(tmp_path):
     path = tmp_path / "x.png"
     path.write_text("this is a radiology report, not a picture\n" * 10)
     with pytest.raises(ImageLoadingError, match="neither a readable image nor DICOM") as error:
+        load_image(path)
+    assert str(path) in str(error.value)
+
+
+def test_dicom_suffix_routes_to_the_dicom_reader(tmp_path):
+    path = tmp_path / "report.dcm"
+    path.write_text("not a dataset")
+    with pytest.raises(ImageLoadingError, match="not a DICOM image") as error:
         load_image(path)
     assert str(path) in str(error.value)
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
@@ -175,7 +174,7 @@ def load_dicom(path: str | os.PathLike, frame: int | None = None) -> Image.Image
         if not any(keyword in dataset for keyword in _PIXEL_DATA_KEYWORDS):
             raise ImageLoadingError(
                 f"{path}: not a DICOM image (no 'DICM' preamble and no pixel data could be read)", path=path
-            )
+            ) from None
     except Exception as error:
         raise ImageLoadingError(f"{path}: not a readable DICOM file ({error})", path=path) from error
     return _uint8_to_rgb(_dataset_to_uint8(dataset, frame, name=path))

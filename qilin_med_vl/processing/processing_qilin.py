@@ -15,8 +15,20 @@ DEFAULT_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# The assistant part (answer and "</s>") is wrapped in generation tags so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the supervised tokens.
+_RENDER_CONTENT = (
+    "{%- macro render_content(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for block in content -%}"
+    "{%- if block['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
 VICUNA_V1_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system='" + DEFAULT_SYSTEM_PROMPT.replace("'", "\\'") + "') -%}"
+    _RENDER_CONTENT
+    + "{%- set ns = namespace(system='" + DEFAULT_SYSTEM_PROMPT.replace("'", "\\'") + "') -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
     "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
@@ -25,18 +37,28 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{{- ns.system + ' ' -}}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + render_content(message['content']) + ' ' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
+    "{%- generation -%}{{- render_content(message['content']) + '</s>' -}}{%- endgeneration -%}"
     "{%- else -%}{{- raise_exception('Only system, user and assistant roles are supported, got ' + message['role']) -}}"
     "{%- endif -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for block in message['content'] -%}"
-    "{%- if block['type'] == 'image' -%}{{- '<image>\\n' -}}"
-    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{- ' ' -}}{%- else -%}{{- '</s>' -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+# LLaVA's `plain` template for alignment (stage 1): the images alone stand for the user turn (its text is dropped,
+# as the original did), then the caption and "\n". Use with `apply_chat_template(..., chat_template="plain")`.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if message['content'] is string -%}{{- '<image>' * (message['content'].count('<image>')) -}}"
+    "{%- else -%}{%- for block in message['content'] -%}{%- if block['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}{%- generation -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -}}"
+    "{%- endif -%}{{- '\\n' -}}{%- endgeneration -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
 )
 
 
@@ -57,8 +79,6 @@ class QilinProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
 
     def __init__(
         self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", image_seq_length=576
@@ -68,7 +88,9 @@ class QilinProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {image_token!r} token; add it as a special token first")
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or VICUNA_V1_CHAT_TEMPLATE)
+        if chat_template is None:
+            chat_template = {"default": VICUNA_V1_CHAT_TEMPLATE, "plain": PLAIN_CHAT_TEMPLATE}
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @property
     def model_input_names(self):
@@ -83,6 +105,7 @@ class QilinProcessor(ProcessorMixin):
         return_tensors=None,
         add_special_tokens=True,
         max_length=None,
+        return_offsets_mapping=False,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -93,6 +116,9 @@ class QilinProcessor(ProcessorMixin):
             padding: as for the tokenizer (`True` pads to the longest sample, on `padding_side`).
             max_length (`int`, *optional*): the length limit after image expansion; defaults to the tokenizer's
                 `model_max_length`. Longer prompts raise instead of being truncated (never inside an image).
+            return_offsets_mapping (`bool`): also return `offset_mapping`, `(start, end)` character spans of each token
+                in the given text (image tokens and padding get empty spans), as fast tokenizers do. This is what
+                `apply_chat_template(..., return_assistant_tokens_mask=True)` uses to find the assistant tokens.
             **kwargs: image-processor options (`high_res_size`, `return_high_res`, `frame`, ...).
 
         Returns:
@@ -107,6 +133,9 @@ class QilinProcessor(ProcessorMixin):
             raise TypeError("text must be a string or a list of strings")
         images_per_sample = self._match_images_to_text(images, texts)
 
+        # Offsets stay in the coordinates of the given text (placeholders are expanded in token space only), so no
+        # text-replacement bookkeeping is needed for assistant masks.
+        kwargs.pop("return_text_replacement_offsets", None)
         data = {}
         flat_images = [image for sample in images_per_sample for image in sample]
         if flat_images:
@@ -115,9 +144,9 @@ class QilinProcessor(ProcessorMixin):
             data.update(self.image_processor(flat_images, return_tensors=return_tensors, **image_kwargs))
 
         limit = max_length or self.tokenizer.model_max_length
-        input_ids = []
+        input_ids, offsets = [], []
         for index, sample_text in enumerate(texts):
-            ids = self._tokenize_with_image_tokens(sample_text, add_special_tokens)
+            ids, sample_offsets = self._tokenize_with_image_tokens(sample_text, add_special_tokens)
             if limit is not None and len(ids) > limit:
                 raise ValueError(
                     f"Prompt {index} is {len(ids)} tokens long after expanding its {len(images_per_sample[index])} "
@@ -125,6 +154,7 @@ class QilinProcessor(ProcessorMixin):
                     "or use fewer images (prompts are never truncated inside an image)"
                 )
             input_ids.append(ids)
+            offsets.append(sample_offsets)
         padded = self.tokenizer.pad(
             {"input_ids": input_ids},
             padding=padding,
@@ -133,6 +163,12 @@ class QilinProcessor(ProcessorMixin):
             return_attention_mask=True,
         )
         data.update(padded)
+        if return_offsets_mapping:
+            length = len(padded["input_ids"][0])
+            left = (padding_side or self.tokenizer.padding_side) == "left"
+            data["offset_mapping"] = [
+                [(0, 0)] * (length - len(o)) + o if left else o + [(0, 0)] * (length - len(o)) for o in offsets
+            ]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _match_images_to_text(self, images, texts) -> list[list]:
@@ -163,15 +199,24 @@ class QilinProcessor(ProcessorMixin):
             start += count
         return split
 
-    def _tokenize_with_image_tokens(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of one prompt with each placeholder expanded to `image_seq_length` image tokens."""
-        ids = [self.tokenizer.bos_token_id] if add_special_tokens and self.tokenizer.bos_token_id is not None else []
+    def _tokenize_with_image_tokens(self, text: str, add_special_tokens: bool = True):
+        """Token ids of one prompt with each placeholder expanded to `image_seq_length` image tokens, and each
+        token's `(start, end)` character span in `text`."""
+        ids, offsets = [], []
+        if add_special_tokens and self.tokenizer.bos_token_id is not None:
+            ids, offsets = [self.tokenizer.bos_token_id], [(0, 0)]
+        start = 0
         for index, chunk in enumerate(text.split(self.image_token)):
             if index > 0:
                 ids.extend([self.image_token_id] * self.image_seq_length)
+                offsets.extend([(start, start)] * self.image_seq_length)
+                start += len(self.image_token)
             if chunk:
-                ids.extend(self.tokenizer(chunk, add_special_tokens=False)["input_ids"])
-        return ids
+                encoded = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                ids.extend(encoded["input_ids"])
+                offsets.extend((start + a, start + b) for a, b in encoded["offset_mapping"])
+            start += len(chunk)
+        return ids, offsets
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         """Decode generated ids (the prompt part already removed by the caller) to text."""

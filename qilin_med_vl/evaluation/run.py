@@ -1,0 +1,101 @@
+# Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
+"""`qilin-med-vl evaluate`: batched greedy generation on a test file, predictions as JSONL, and BLEU-4 / METEOR
+per task in a table shaped like the HiA paper's Table 1 (markdown + JSON)."""
+
+import json
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from ..training.data import read_records, record_images, record_task, record_to_messages
+from .scoring import format_markdown_table, score_by_task
+
+
+def split_for_evaluation(record: dict) -> tuple[list[dict], str]:
+    """The conversation up to the last answer (earlier answers stay as context), and that answer as reference."""
+    messages = record_to_messages(record)
+    last_answer = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return messages[:last_answer], messages[last_answer]["content"]
+
+
+@torch.no_grad()
+def generate_predictions(model, processor, records, image_root=".", batch_size=8, max_new_tokens=256,
+                         progress=True) -> list[dict]:
+    """Greedy answers for `records`, batched with left padding. Returns one dict per record: `id`, `task`,
+    `prediction`, `references`."""
+    results = []
+    for start in tqdm(range(0, len(records), batch_size), desc="generating", disable=not progress, unit="batch"):
+        chunk = records[start : start + batch_size]
+        prompts, references = zip(*(split_for_evaluation(record) for record in chunk))
+        images = [[os.path.join(image_root, image) for image in record_images(record)] for record in chunk]
+        inputs = processor.apply_chat_template(
+            list(prompts),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"images": images if any(images) else None, "padding_side": "left"},
+        ).to(model.device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=processor.tokenizer.pad_token_id)
+        texts = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for record, reference, text in zip(chunk, references, texts):
+            results.append({"id": record.get("id"), "task": record_task(record), "prediction": text.strip(),
+                            "references": [reference]})
+    return results
+
+
+def evaluate_file(model, processor, data_path, output_dir, image_root=".", batch_size=8, max_new_tokens=256,
+                  tokenizer="char", name=None) -> dict:
+    """Generate, score and write `predictions.jsonl`, `scores.json` and `scores.md` into `output_dir`."""
+    records = list(read_records(data_path))
+    predictions = generate_predictions(model, processor, records, image_root, batch_size, max_new_tokens)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "predictions.jsonl"), "w", encoding="utf-8") as handle:
+        for row in predictions:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    scores = score_by_task(predictions, tokenizer=tokenizer)
+    scores["tokenizer"] = tokenizer
+    with open(os.path.join(output_dir, "scores.json"), "w", encoding="utf-8") as handle:
+        json.dump(scores, handle, ensure_ascii=False, indent=2)
+    table = format_markdown_table({name or "model": scores} if name else scores)
+    with open(os.path.join(output_dir, "scores.md"), "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    return scores
+
+
+def main(args) -> int:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import qilin_med_vl  # noqa: F401
+
+    model = AutoModelForImageTextToText.from_pretrained(args.model, **({"device_map": args.device} if args.device else {}))
+    if args.adapter:
+        model.load_adapter(args.adapter)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    if args.adapter:
+        adapter_config = getattr(model, "peft_config", {}).get(args.adapter) or next(iter(model.peft_config.values()))
+        if getattr(adapter_config, "high_res_size", None):
+            processor.image_processor.high_res_size = adapter_config.high_res_size
+    scores = evaluate_file(model, processor, args.data, args.output_dir, args.image_root, args.batch_size,
+                           args.max_new_tokens, args.tokenizer, args.name)
+    print(format_markdown_table({args.name or "model": scores}))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="generate answers for a test file and score BLEU-4/METEOR per task")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--adapter", help='"hia" (the model\'s hia/ subfolder) or an adapter folder')
+    parser.add_argument("--data", required=True, help="test JSON/JSONL in the training format")
+    parser.add_argument("--image-root", default=".")
+    parser.add_argument("--output-dir", default="evaluation")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--tokenizer", choices=["char", "jieba"], default="char",
+                        help="how Chinese text is split into tokens for BLEU/METEOR (default: characters)")
+    parser.add_argument("--name", help="row name in the table")
+    parser.add_argument("--device", help='device_map, e.g. "cpu", "cuda:0", "auto"')
+    parser.set_defaults(handler=main)

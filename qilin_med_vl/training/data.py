@@ -1,0 +1,212 @@
+# Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
+"""Training data: LLaVA-style JSON/JSONL records, their validation, and the collator that turns them into batches.
+
+A record::
+
+    {"id": "0001", "images": ["before.png", "after.dcm"],        # or "image": "a.png"
+     "conversations": [{"from": "human", "value": "<image>\\n<image>\\n请对比两张图片。"},
+                       {"from": "gpt", "value": "第二张相比第一张..."}],
+     "task": "comparative"}                                         # optional
+
+Image paths are relative to an image root. Multi-turn and multi-image records are allowed; each `<image>` in the
+human turns stands for the next image of the record.
+"""
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..processing.image_loading_qilin import ImageLoadingError, load_image
+
+logger = logging.getLogger(__name__)
+
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class DataValidationError(ValueError):
+    """Raised with every problem found, each naming the record id."""
+
+
+def read_records(path: str | os.PathLike):
+    """Yield the records of a `.json` (a list) or `.jsonl` (one per line) file, streaming JSONL."""
+    path = os.fspath(path)
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise DataValidationError(f"{path}:{line_number}: not valid JSON ({error})") from None
+    else:
+        with open(path, encoding="utf-8") as handle:
+            records = json.load(handle)
+        if not isinstance(records, list):
+            raise DataValidationError(f"{path}: a .json data file must hold a list of records")
+        yield from records
+
+
+def record_images(record: dict) -> list[str]:
+    images = record.get("images", record.get("image", []))
+    return [images] if isinstance(images, str) else list(images or [])
+
+
+def record_task(record: dict) -> str:
+    return record.get("task") or "default"
+
+
+def record_to_messages(record: dict) -> list[dict]:
+    """Chat messages for `QilinProcessor.apply_chat_template` (placeholders stay inline in the text)."""
+    messages = []
+    for turn in record["conversations"]:
+        role = ROLE_NAMES.get(turn.get("from"))
+        if role is None:
+            raise DataValidationError(f"record {record.get('id')!r}: unknown speaker {turn.get('from')!r}")
+        messages.append({"role": role, "content": turn.get("value", "")})
+    return messages
+
+
+@dataclass
+class ValidationReport:
+    errors: list[str] = field(default_factory=list)
+    too_long: dict = field(default_factory=dict)  # record id -> message
+    tasks: Counter = field(default_factory=Counter)
+    images_per_sample: Counter = field(default_factory=Counter)
+    token_lengths: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lengths = sorted(self.token_lengths) or [0]
+        lines = [
+            f"records: {sum(self.tasks.values())}, errors: {len(self.errors)}, over-long: {len(self.too_long)}",
+            "per task: " + ", ".join(f"{task} {count}" for task, count in sorted(self.tasks.items())),
+            "images per sample: " + ", ".join(f"{n}: {c}" for n, c in sorted(self.images_per_sample.items())),
+            f"tokens: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}",
+        ]
+        return "\n".join(lines)
+
+
+def validate_records(records, processor, image_root: str = ".", max_length: int | None = None,
+                     check_images: bool = True) -> ValidationReport:
+    """Check every record before a long run: speakers and empty turns, placeholder/image counts, that each image
+    exists and decodes (PNG/JPEG/DICOM), and the token length after image expansion. Never raises; see `errors`."""
+    report = ValidationReport()
+    limit = max_length or processor.tokenizer.model_max_length
+    for index, record in enumerate(records):
+        record_id = record.get("id", f"#{index}")
+        problems = []
+        conversations = record.get("conversations")
+        if not conversations:
+            problems.append("no conversations")
+        else:
+            for turn_index, turn in enumerate(conversations):
+                if turn.get("from") not in ROLE_NAMES:
+                    problems.append(f"turn {turn_index}: unknown speaker {turn.get('from')!r}")
+                if not str(turn.get("value", "")).strip():
+                    problems.append(f"turn {turn_index}: empty text")
+            if not any(ROLE_NAMES.get(turn.get("from")) == "assistant" for turn in conversations):
+                problems.append("no answer (gpt) turn to learn from")
+        images = record_images(record)
+        placeholders = sum(str(turn.get("value", "")).count(IMAGE_PLACEHOLDER) for turn in conversations or [])
+        if placeholders != len(images):
+            problems.append(f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+        if check_images:
+            for image in images:
+                try:
+                    load_image(os.path.join(image_root, image))
+                except (ImageLoadingError, ImportError) as error:
+                    problems.append(str(error))
+        if not problems:
+            text = processor.apply_chat_template(record_to_messages(record))
+            length = len(processor._tokenize_with_image_tokens(text)[0])
+            report.token_lengths.append(length)
+            if limit is not None and length > limit:
+                report.too_long[str(record_id)] = f"record {record_id!r}: {length} tokens, over the limit of {limit}"
+        report.errors.extend(f"record {record_id!r}: {problem}" for problem in problems)
+        report.tasks[record_task(record)] += 1
+        report.images_per_sample[len(images)] += 1
+    return report
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Records of one or more data files, validated; over-long records dropped (with a warning) or refused, and
+    with `require_images` records without images dropped."""
+
+    def __init__(self, paths, processor, image_root: str = ".", max_length: int | None = None,
+                 on_overflow: str = "drop", validate: bool = True, require_images: bool = False):
+        if on_overflow not in ("drop", "error"):
+            raise ValueError("on_overflow must be 'drop' or 'error'")
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        records = [record for path in paths for record in read_records(path)]
+        self.image_root = image_root
+        if validate:
+            report = validate_records(records, processor, image_root, max_length)
+            if report.errors:
+                shown = "\n".join(report.errors[:20])
+                more = f"\n... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
+                raise DataValidationError(f"{len(report.errors)} problem(s) in the training data:\n{shown}{more}")
+            if report.too_long:
+                messages = list(report.too_long.values())
+                if on_overflow == "error":
+                    raise DataValidationError("over-long records:\n" + "\n".join(messages[:20]))
+                for message in messages:
+                    logger.warning("dropping %s (never truncated inside an image)", message)
+                records = [r for i, r in enumerate(records) if str(r.get("id", f"#{i}")) not in report.too_long]
+            logger.info("training data:\n%s", report.summary())
+        if require_images:
+            # Stages that train only image paths (the projector, HiA) learn nothing from text-only records, and a
+            # batch of them would have no gradient at all.
+            kept = [record for record in records if record_images(record)]
+            if len(kept) < len(records):
+                logger.warning("dropping %d record(s) without images: this stage trains only on images",
+                               len(records) - len(kept))
+            records = kept
+        self.records = records
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.records[index]
+
+
+class ConversationCollator:
+    """Turns records into a batch: `input_ids`, `attention_mask`, `labels` (assistant tokens, including each
+    turn's "</s>", everything else -100), `pixel_values` and `high_res_pixel_values`.
+
+    The labels come from the chat template's generation tags (`return_assistant_tokens_mask`), so the first
+    supervised token of each sample is exactly where HiA's instruction ends (its `h_last` is the token before).
+    Records that are too long raise: filter them beforehand (`ConversationDataset` does).
+    """
+
+    def __init__(self, processor, image_root: str = ".", chat_template: str | None = None,
+                 max_length: int | None = None, padding_side: str = "right"):
+        self.processor = processor
+        self.image_root = image_root
+        self.chat_template = chat_template
+        self.max_length = max_length
+        self.padding_side = padding_side
+
+    def __call__(self, records: list[dict]) -> dict:
+        conversations = [record_to_messages(record) for record in records]
+        images = [[os.path.join(self.image_root, image) for image in record_images(record)] for record in records]
+        batch = self.processor.apply_chat_template(
+            conversations,
+            chat_template=self.chat_template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors="pt",
+            processor_kwargs={
+                "images": images if any(images) else None,
+                "padding_side": self.padding_side,
+                "max_length": self.max_length,
+            },
+        )
+        assistant_mask = torch.as_tensor(batch.pop("assistant_masks")).bool()
+        labels = batch["input_ids"].masked_fill(~assistant_mask, -100)
+        return {**batch, "labels": labels}

@@ -1,0 +1,199 @@
+"""Training on the HF Trainer and evaluation, end to end on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qilin_med_vl.cli import main as cli
+from qilin_med_vl.modeling.modeling_hia import find_instruction_end_index
+from qilin_med_vl.testing import tiny_model, tiny_processor
+from qilin_med_vl.training import ConversationCollator, ConversationDataset, DataValidationError, validate_records
+
+from conftest import random_image
+
+RECORDS = [
+    {"id": "d1", "image": "a.png", "task": "description",
+     "conversations": [{"from": "human", "value": "<image>\n描述这张图片。"}, {"from": "gpt", "value": "左侧股骨下段可见片状低密度影。"}]},
+    {"id": "c1", "images": ["a.png", "b.png"], "task": "comparative",
+     "conversations": [{"from": "human", "value": "<image>\n<image>\n请对比两张图片。"}, {"from": "gpt", "value": "第二张相比第一张好转。"}]},
+    {"id": "m1", "images": ["b.png"], "task": "disease",
+     "conversations": [{"from": "human", "value": "<image>\n是否有异常？"}, {"from": "gpt", "value": "有。"},
+                       {"from": "human", "value": "什么病变？"}, {"from": "gpt", "value": "骨折。"}]},
+    {"id": "t1", "task": "location",
+     "conversations": [{"from": "human", "value": "股骨在哪里？"}, {"from": "gpt", "value": "下肢。"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    random_image(0).save(root / "a.png")
+    random_image(1).save(root / "b.png")
+    with open(root / "train.jsonl", "w", encoding="utf-8") as handle:
+        for record in RECORDS * 2:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    model_dir = root / "base"
+    tiny_model().save_pretrained(model_dir)
+    tiny_processor().save_pretrained(model_dir)
+    return root
+
+
+def test_collator_labels_exactly_the_answers_and_the_hia_instruction_end(workspace):
+    processor = tiny_processor()
+    batch = ConversationCollator(processor, str(workspace))(RECORDS)
+    assert batch["pixel_values"].shape[0] == 4 and batch["high_res_pixel_values"].shape[0] == 4
+    for row, record in enumerate(RECORDS):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        answers = [turn["value"] + "</s>" for turn in record["conversations"] if turn["from"] == "gpt"]
+        assert processor.tokenizer.decode(labelled).replace(" ", "") == "".join(answers)
+        assert not (batch["labels"][row] == processor.image_token_id).any()
+    instruction_end = find_instruction_end_index(batch["labels"], batch["attention_mask"], batch["labels"].shape, "cpu")
+    first_supervised = (batch["labels"] != -100).int().argmax(dim=1)
+    assert torch.equal(instruction_end, first_supervised - 1)
+    # h_last is the last token of the instruction prompt: the ":" of "ASSISTANT:" (then the space before the answer)
+    for row in range(len(RECORDS)):
+        prompt_tail = processor.tokenizer.decode(batch["input_ids"][row, : instruction_end[row] + 1])
+        assert prompt_tail.rstrip().endswith("ASSISTANT:")
+
+
+def test_plain_template_supervises_the_caption_only(workspace):
+    processor = tiny_processor()
+    batch = ConversationCollator(processor, str(workspace), chat_template="plain")(RECORDS[:1])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert ids[0] == processor.tokenizer.bos_token_id and (ids[1:5] == processor.image_token_id).all()
+    assert processor.tokenizer.decode(labels[labels != -100]).replace(" ", "") == "左侧股骨下段可见片状低密度影。\n".replace(" ", "")
+
+
+def test_validation_names_each_problem_and_record(workspace):
+    bad = [
+        {"id": "missing", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>\n描述"}, {"from": "gpt", "value": "好"}]},
+        {"id": "count", "images": ["a.png"], "conversations": [{"from": "human", "value": "<image><image>描述"}, {"from": "gpt", "value": "好"}]},
+        {"id": "empty", "conversations": [{"from": "human", "value": "描述"}, {"from": "gpt", "value": "  "}]},
+        {"id": "long", "conversations": [{"from": "human", "value": "描述" * 80}, {"from": "gpt", "value": "好"}]},
+    ]
+    report = validate_records(bad, tiny_processor(), str(workspace), max_length=60)
+    text = "\n".join(report.errors)
+    assert "record 'missing'" in text and "nope.png" in text
+    assert "record 'count': 2 <image> placeholder(s) but 1 image(s)" in text
+    assert "record 'empty': turn 1: empty text" in text
+    assert list(report.too_long) == ["long"]
+    assert "records: 4" in report.summary()
+
+
+def test_over_long_records_are_dropped_or_refused(workspace, tmp_path):
+    path = tmp_path / "data.jsonl"
+    long_record = {"id": "long", "conversations": [{"from": "human", "value": "描述" * 80}, {"from": "gpt", "value": "好"}]}
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [RECORDS[0], long_record]), encoding="utf-8")
+    dataset = ConversationDataset(str(path), tiny_processor(), str(workspace), max_length=250)
+    assert [r["id"] for r in dataset] == ["d1"]
+    with pytest.raises(DataValidationError, match="long"):
+        ConversationDataset(str(path), tiny_processor(), str(workspace), max_length=250, on_overflow="error")
+
+
+def _train(workspace, output, stage, *extra):
+    argv = ["train", "--stage", stage, "--model", str(workspace / "base"), "--data", str(workspace / "train.jsonl"),
+            "--image-root", str(workspace), "--output-dir", str(output), "--per-device-train-batch-size", "2",
+            "--max-steps", "4", "--save-steps", "2", "--logging-steps", "1", "--seed", "0", "--use-cpu",
+            "--dataloader-num-workers", "0", *extra]
+    assert cli(argv) == 0
+
+
+def _base_state():
+    return {k: v.clone() for k, v in tiny_model().state_dict().items()}
+
+
+def test_align_trains_only_the_projector(workspace, tmp_path):
+    _train(workspace, tmp_path / "align", "align", "--learning-rate", "1e-2")
+    trained = load_file(tmp_path / "align" / "model.safetensors")
+    base = _base_state()
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    assert changed and all(k.startswith("model.multi_modal_projector.") for k in changed)
+
+
+def test_instruct_trains_projector_and_llm_but_not_vision(workspace, tmp_path):
+    _train(workspace, tmp_path / "instruct", "instruct", "--learning-rate", "1e-3")
+    trained = load_file(tmp_path / "instruct" / "model.safetensors")
+    base = _base_state()
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    assert any(k.startswith("model.language_model.") for k in changed)
+    assert any(k.startswith("model.multi_modal_projector.") for k in changed)
+    assert not any(k.startswith("model.vision_tower.") for k in changed)
+
+
+def test_instruct_lora_saves_an_adapter(workspace, tmp_path):
+    _train(workspace, tmp_path / "lora", "instruct", "--lora", "--lora-rank", "4")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert not (tmp_path / "lora" / "model.safetensors").exists()
+
+
+def test_hia_stage_saves_an_adapter_that_loads(workspace, tmp_path):
+    hia_flags = ["--num-queries", "8", "--num-heads", "4", "--encoder-depths", "1", "1", "--encoder-width", "8",
+                 "--high-res-size", "56", "--learning-rate", "1e-3"]
+    _train(workspace, tmp_path / "hia", "hia", *hia_flags)
+    files = set(os.listdir(tmp_path / "hia"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    config = json.loads((tmp_path / "hia" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "HIA" and config["high_res_size"] == 56
+    model = tiny_model()
+    model.load_adapter(str(tmp_path / "hia"))
+    batch = ConversationCollator(tiny_processor(), str(workspace))(RECORDS[:2])
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        model.disable_adapters()
+        base = model(**batch).logits
+    assert (adapted - base).abs().max() > 0  # the trained adapter acts
+
+
+def test_resume_reaches_the_same_weights(workspace, tmp_path):
+    hia_flags = ["--num-queries", "8", "--num-heads", "4", "--encoder-depths", "1", "1", "--encoder-width", "8",
+                 "--high-res-size", "56", "--learning-rate", "1e-3"]
+    _train(workspace, tmp_path / "straight", "hia", *hia_flags)
+    interrupted = tmp_path / "interrupted"
+    _train(workspace, interrupted, "hia", *hia_flags)
+    # Simulate a kill after the step-2 checkpoint: drop everything later, then resume.
+    import shutil
+
+    shutil.rmtree(interrupted / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        os.remove(interrupted / name)
+    _train(workspace, interrupted, "hia", *hia_flags, "--resume")
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(interrupted / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0)
+
+
+def test_two_process_torchrun_trains_hia(workspace, tmp_path):
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "qilin_med_vl.cli", "train", "--stage", "hia", "--model", str(workspace / "base"),
+               "--data", str(workspace / "train.jsonl"), "--image-root", str(workspace), "--output-dir", str(output),
+               "--per-device-train-batch-size", "1", "--max-steps", "2", "--use-cpu", "--report-to", "none",
+               "--num-queries", "8", "--num-heads", "4", "--encoder-depths", "1", "1", "--encoder-width", "8",
+               "--high-res-size", "56", "--log-level", "info"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    logs = result.stdout + result.stderr
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 2" in logs, logs[-3000:]
+    model = tiny_model()
+    model.load_adapter(str(output))
+    assert model.model.has_active_hia()
+
+
+def test_evaluate_writes_predictions_and_per_task_scores(workspace, tmp_path):
+    assert cli(["evaluate", "--model", str(workspace / "base"), "--data", str(workspace / "train.jsonl"),
+                "--image-root", str(workspace), "--output-dir", str(tmp_path), "--max-new-tokens", "4",
+                "--batch-size", "3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 8 and rows[2]["references"] == ["骨折。"]
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert set(scores["per_task"]) == {"description", "comparative", "disease", "location"}
+    assert "| B4 |" in (tmp_path / "scores.md").read_text() or "B4" in (tmp_path / "scores.md").read_text()
