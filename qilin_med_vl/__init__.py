@@ -12,7 +12,9 @@ from transformers import (
     AutoProcessor,
 )
 
+from .modeling.configuration_hia import HiAConfig
 from .modeling.configuration_qilin_med_vl import QilinMedVLConfig
+from .modeling.modeling_hia import HiAModel
 from .modeling.modeling_qilin_med_vl import (
     QilinMedVLForConditionalGeneration,
     QilinMedVLModel,
@@ -41,6 +43,8 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "HiAConfig",
+    "HiAModel",
     "ImageLoadingError",
     "QilinImageProcessor",
     "QilinMedVLConfig",

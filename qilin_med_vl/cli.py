@@ -6,29 +6,10 @@ import sys
 
 
 def _load(args):
-    """Model and processor from `args.model` (+ adapter), on `args.device`, optionally quantized."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from .loading import load_model_and_processor
 
-    import qilin_med_vl  # noqa: F401  (registers the auto classes)
-
-    load_kwargs = {}
-    if args.load_in_4bit or args.load_in_8bit:
-        from transformers import BitsAndBytesConfig
-
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, bnb_4bit_compute_dtype=torch.bfloat16
-        )
-        load_kwargs["device_map"] = args.device or "auto"
-    elif args.device:
-        load_kwargs["device_map"] = args.device
-    if args.dtype:
-        load_kwargs["dtype"] = getattr(torch, args.dtype)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, **load_kwargs).eval()
-    if args.adapter:
-        model.load_adapter(args.adapter)
-    processor = AutoProcessor.from_pretrained(args.model)
-    return model, processor
+    return load_model_and_processor(args.model, args.adapter, args.device, args.dtype, args.load_in_4bit,
+                                    args.load_in_8bit)
 
 
 def _user_message(images, question):

@@ -7,7 +7,9 @@
     >>> model = tiny_model(vocab_size=len(processor.tokenizer))
 """
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -133,3 +135,9 @@ def tiny_model(seed: int = 0, **config_kwargs):
     model = QilinMedVLForConditionalGeneration(tiny_config(**config_kwargs))
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+def random_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
+    """A random RGB image of `size` (width, height); not square by default, so that padding to a square matters."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))

@@ -16,7 +16,7 @@ from qilin_med_vl.modeling.configuration_hia import HiAConfig
 from qilin_med_vl.modeling.modeling_hia import HiABlock, HiALayer
 from qilin_med_vl.testing import tiny_model
 
-from conftest import random_image
+from qilin_med_vl.testing import random_image
 
 
 def hia_config(**overrides):

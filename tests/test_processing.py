@@ -8,7 +8,7 @@ from qilin_med_vl import ImageLoadingError, QilinImageProcessor
 from qilin_med_vl.processing.processing_qilin import DEFAULT_SYSTEM_PROMPT
 from qilin_med_vl.testing import tiny_processor
 
-from conftest import random_image
+from qilin_med_vl.testing import random_image
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])

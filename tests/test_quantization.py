@@ -8,7 +8,7 @@ from transformers import BitsAndBytesConfig
 from qilin_med_vl import QilinMedVLForConditionalGeneration
 from qilin_med_vl.testing import tiny_model
 
-from conftest import random_image
+from qilin_med_vl.testing import random_image
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 from qilin_med_vl.testing import tiny_model, tiny_processor
 
-from conftest import random_image
+from qilin_med_vl.testing import random_image
 
 MESSAGES_TEXT = "第一张和第二张分别是治疗前后的图片，请对比两张图片。"
 

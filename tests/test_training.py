@@ -14,7 +14,7 @@ from qilin_med_vl.modeling.modeling_hia import find_instruction_end_index
 from qilin_med_vl.testing import tiny_model, tiny_processor
 from qilin_med_vl.training import ConversationCollator, ConversationDataset, DataValidationError, validate_records
 
-from conftest import random_image
+from qilin_med_vl.testing import random_image
 
 RECORDS = [
     {"id": "d1", "image": "a.png", "task": "description",
@@ -197,3 +197,27 @@ def test_evaluate_writes_predictions_and_per_task_scores(workspace, tmp_path):
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert set(scores["per_task"]) == {"description", "comparative", "disease", "location"}
     assert "| B4 |" in (tmp_path / "scores.md").read_text() or "B4" in (tmp_path / "scores.md").read_text()
+
+
+def test_training_arguments_come_from_a_yaml_file_and_flags_win(tmp_path):
+    from qilin_med_vl.training.train import parse_args
+
+    config = tmp_path / "args.yaml"
+    config.write_text("per_device_train_batch_size: 3\nlearning_rate: 5.0e-4\nlogging_steps: 7\n")
+    args, training_args = parse_args(["--stage", "hia", "--model", "m", "--data", "d.jsonl", "--config", str(config),
+                                      "--learning-rate", "1e-4", "--output-dir", str(tmp_path)])
+    assert training_args.per_device_train_batch_size == 3 and training_args.logging_steps == 7
+    assert training_args.learning_rate == 1e-4  # the flag wins over the file
+    assert training_args.lr_scheduler_type == "cosine" and training_args.warmup_steps == 0.03  # the paper's
+    assert training_args.num_train_epochs == 1 and args.num_queries == 256 and args.high_res_size == 672
+
+
+def test_shipped_distributed_configs_parse():
+    import yaml
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for name in ("deepspeed_zero2.json", "deepspeed_zero3.json"):
+        stage = json.load(open(os.path.join(root, name)))["zero_optimization"]["stage"]
+        assert stage == int(name[-6])
+    fsdp = yaml.safe_load(open(os.path.join(root, "fsdp.yaml")))
+    assert fsdp["fsdp"] == "full_shard auto_wrap"

@@ -66,19 +66,9 @@ def evaluate_file(model, processor, data_path, output_dir, image_root=".", batch
 
 
 def main(args) -> int:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from ..loading import load_model_and_processor
 
-    import qilin_med_vl  # noqa: F401
-
-    model = AutoModelForImageTextToText.from_pretrained(args.model, **({"device_map": args.device} if args.device else {}))
-    if args.adapter:
-        model.load_adapter(args.adapter)
-    model.eval()
-    processor = AutoProcessor.from_pretrained(args.model)
-    if args.adapter:
-        adapter_config = getattr(model, "peft_config", {}).get(args.adapter) or next(iter(model.peft_config.values()))
-        if getattr(adapter_config, "high_res_size", None):
-            processor.image_processor.high_res_size = adapter_config.high_res_size
+    model, processor = load_model_and_processor(args.model, args.adapter, args.device)
     scores = evaluate_file(model, processor, args.data, args.output_dir, args.image_root, args.batch_size,
                            args.max_new_tokens, args.tokenizer, args.name)
     print(format_markdown_table({args.name or "model": scores}))

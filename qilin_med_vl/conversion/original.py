@@ -1,0 +1,894 @@
+# Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
+"""The original Qilin-Med-VL release (LLaVA v1.1-era layout) -> an HF-native Qilin-Med-VL folder.
+
+The first half of this module is the streaming checkpoint machinery every converter here shares: readers that
+map `.bin` shards (`weights_only=True`) one file at a time, key-mapping rules with drop reasons, a safetensors
+shard writer that writes tensor by tensor, a report that accounts for every source tensor, and an output folder
+that appears only when the conversion is complete.
+
+    >>> from qilin_med_vl.conversion import convert_original
+    >>> report = convert_original("Qilin-Med-VL", "Qilin-Med-VL-hf")  # doctest: +SKIP
+    >>> print(report.summary())  # doctest: +SKIP
+"""
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..modeling.configuration_qilin_med_vl import QilinMedVLConfig
+from ..modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
+from ..processing.image_processing_qilin import QilinImageProcessor
+from ..processing.processing_qilin import QilinProcessor
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
+IMAGE_TOKEN = "<image>"
+# transformers' llava-hf conversions pad the vocabulary to a multiple of 64 rows (32000 + `<image>` -> 32064).
+VOCAB_MULTIPLE = 64
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+# Files of a checkpoint folder that hold weights, in order of preference; anything else is configs or leftovers.
+WEIGHT_FILE_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
+ORIGINAL_DOWNLOAD_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "mm_projector.bin",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+]
+CLIP_DOWNLOAD_PATTERNS = ["config.json", "preprocessor_config.json"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report and errors
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionReport:
+    """What happened to every source tensor. Source keys read `"<origin>:<key>"` (origin: model, base, projector,
+    clip, ...); target keys are the output checkpoint's names."""
+
+    mapped: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    created: dict[str, str] = field(default_factory=dict)
+    ignored_files: list[str] = field(default_factory=list)
+    output: str | None = None
+
+    def summary(self) -> str:
+        lines = [f"{len(self.mapped)} tensors mapped, {len(self.dropped)} dropped on purpose, {len(self.missing)} missing"]
+        reasons: dict[str, int] = {}
+        for reason in self.dropped.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        lines += [f"  dropped x{count}: {reason}" for reason, count in sorted(reasons.items())]
+        lines += [f"  changed {key}: {how}" for key, how in sorted(self.created.items())]
+        lines += [f"  missing: {key}" for key in self.missing]
+        if self.ignored_files:
+            lines.append(f"  files not read (no weights or superseded): {', '.join(self.ignored_files)}")
+        if self.output:
+            lines.append(f"  written to {self.output}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "output": self.output,
+            "mapped": self.mapped,
+            "dropped": self.dropped,
+            "missing": self.missing,
+            "created": self.created,
+            "ignored_files": self.ignored_files,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+class ConversionError(ValueError):
+    """A conversion that cannot be completed faithfully; `report` holds what was accounted for so far."""
+
+    def __init__(self, message: str, report: ConversionReport | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Key mapping rules
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """`pattern` (a full-match regex) -> `target` (a `re.sub` template), or dropped when `target` is None."""
+
+    pattern: str
+    target: str | None
+    reason: str | None = None
+
+    def apply(self, key: str) -> str | None:
+        return re.sub(self.pattern, self.target, key) if self.target is not None else None
+
+
+def map_key(rules: Iterable[KeyRule], key: str) -> tuple[bool, str | None, str | None]:
+    """`(matched, target, drop_reason)` of the first rule whose pattern matches all of `key`."""
+    for rule in rules:
+        if re.fullmatch(rule.pattern, key):
+            return True, rule.apply(key), rule.reason
+    return False, None, None
+
+
+def drop(pattern: str, reason: str) -> KeyRule:
+    return KeyRule(pattern, None, reason)
+
+
+INV_FREQ_REASON = "rotary inv_freq buffer: recomputed from the config at load time"
+
+# The LLaVA v1.1 fork (and a plain HF LLaMA checkpoint, for projector-only releases): LLaMA under `model.*`.
+ORIGINAL_LLM_RULES = (
+    KeyRule(r"model\.embed_tokens\.weight", "model.language_model.embed_tokens.weight"),
+    drop(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", INV_FREQ_REASON),
+    KeyRule(r"model\.layers\.(.+)", r"model.language_model.layers.\1"),
+    KeyRule(r"model\.norm\.weight", "model.language_model.norm.weight"),
+    KeyRule(r"lm_head\.weight", "lm_head.weight"),
+    KeyRule(r"model\.mm_projector\.0\.(weight|bias)", r"model.multi_modal_projector.linear_1.\1"),
+    KeyRule(r"model\.mm_projector\.2\.(weight|bias)", r"model.multi_modal_projector.linear_2.\1"),
+    KeyRule(r"model\.mm_projector\.(weight|bias)", r"model.multi_modal_projector.linear_1.\1"),
+    # The CLIP copy some files carry; the original loader ignored it (it loaded CLIP from mm_vision_tower).
+    drop(r"model\.vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids", "CLIP position_ids buffer"),
+    KeyRule(r"model\.vision_tower\.vision_tower\.vision_model\.(.+)", r"model.vision_tower.\1"),
+)
+
+CLIP_HEAD_REASON = "CLIP contrastive head: LLaVA reads a hidden layer of the vision tower, not the projection"
+# A CLIP checkpoint: a full `CLIPModel` or `CLIPVisionModel(WithProjection)` as saved by transformers 4.x
+# (`vision_model.*`), or a `CLIPVisionModel` saved by transformers 5.x (no `vision_model.` level).
+CLIP_RULES = (
+    drop(r"(vision_model\.)?embeddings\.position_ids", "CLIP position_ids buffer (not persistent in transformers 5)"),
+    drop(r"text_model\..+", "CLIP text tower: not part of the LLaVA architecture"),
+    drop(r"(visual_projection|text_projection)\.weight|logit_scale", CLIP_HEAD_REASON),
+    KeyRule(r"vision_model\.(.+)", r"model.vision_tower.\1"),
+    KeyRule(r"((embeddings|encoder|pre_layrnorm|post_layernorm)\..+)", r"model.vision_tower.\1"),
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder as it is, or a Hub repo id through `huggingface_hub.snapshot_download` (the local cache
+    only when `HF_HUB_OFFLINE=1`)."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    if Path(name_or_path).exists() or str(name_or_path).count("/") > 1:
+        raise FileNotFoundError(f"{name_or_path} is neither a checkpoint folder nor a Hub repo id")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=str(name_or_path), allow_patterns=allow_patterns))
+
+
+def resolve_clip(name_or_path: str | os.PathLike) -> Path:
+    """The CLIP folder, downloading only its configs and one weight format (safetensors if there is one)."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    folder = resolve_checkpoint(name_or_path, CLIP_DOWNLOAD_PATTERNS + ["model*.safetensors*"])
+    if not find_weight_files(folder):
+        folder = resolve_checkpoint(name_or_path, CLIP_DOWNLOAD_PATTERNS + ["pytorch_model*.bin*"])
+    return folder
+
+
+def find_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a transformers-style checkpoint folder: those its index names, else every
+    `model*.safetensors`, else every `pytorch_model*.bin` (sorted). Safetensors win when both are present."""
+    for index_name, pattern in (
+        ("model.safetensors.index.json", "model*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / name for name in names]
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    return []
+
+
+def _load_bin(path: Path) -> dict:
+    try:
+        # Memory-mapped: a tensor is read from disk only when it is used, so a shard never sits in memory twice.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # Files from before torch's zip format (torch < 1.6) cannot be mapped.
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one `.safetensors` or `.bin` file, one at a time."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+        return
+    state_dict = _load_bin(path)
+    if not isinstance(state_dict, dict):
+        raise ConversionError(f"{path} does not hold a state dict")
+    keys = list(state_dict)
+    for key in keys:
+        yield key, state_dict.pop(key)
+
+
+class LazyCheckpoint:
+    """Random access to the tensors of some weight files without loading them all: safetensors are read per
+    tensor, `.bin` files memory-mapped on first use."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self._where: dict[str, Path] = {}
+        self._bins: dict[Path, dict] = {}
+        from safetensors import safe_open
+
+        for path in files:
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt") as handle:
+                    keys = list(handle.keys())
+            else:
+                keys = list(self._bin(path))
+            for key in keys:
+                self._where[key] = path
+
+    def _bin(self, path: Path) -> dict:
+        if path not in self._bins:
+            self._bins[path] = _load_bin(path)
+        return self._bins[path]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self._where[key]
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as handle:
+                return handle.get_tensor(key)
+        return self._bin(path)[key]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def parse_size(size: int | str) -> int:
+    """`"5GB"`, `"500MB"`, `"2GiB"` or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"Not a size: {size!r} (try '5GB' or '500MB')")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    return int(number * base ** "BKMGT".index(unit[0]))
+
+
+@dataclass
+class _PendingTensor:
+    key: str
+    tensor: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.dtype.itemsize
+
+
+def write_safetensors(path: Path, tensors: list[_PendingTensor], metadata: dict | None = None) -> None:
+    """Writes a safetensors file tensor by tensor (each cast on the fly), so memory holds one tensor at a time,
+    not the whole file as `safetensors.torch.save_file` does."""
+    header, offset = {}, 0
+    for item in tensors:
+        header[item.key] = {
+            "dtype": SAFETENSORS_DTYPES[item.dtype],
+            "shape": list(item.tensor.shape),
+            "data_offsets": [offset, offset + item.nbytes],
+        }
+        offset += item.nbytes
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for item in tensors:
+            data = item.tensor.to(item.dtype).contiguous()
+            if data.numel():
+                handle.write(data.reshape(-1).view(torch.uint8).numpy().data)
+
+
+class ShardWriter:
+    """Collects output tensors and writes them into safetensors shards of at most `max_shard_bytes` (a tensor
+    larger than that gets a shard of its own). Shards get their final `model-0000i-of-0000N` names in `close`."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int):
+        self.folder = folder
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: list[_PendingTensor] = []
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+        self.keys: dict[str, tuple[int, ...]] = {}
+
+    def add(self, key: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        if key in self.keys:
+            raise ConversionError(f"Two source tensors map to {key}")
+        dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        item = _PendingTensor(key, tensor, dtype)
+        if self._pending and self._pending_bytes + item.nbytes > self.max_shard_bytes:
+            self.flush()
+        self._pending.append(item)
+        self._pending_bytes += item.nbytes
+        self.total_bytes += item.nbytes
+        self.keys[key] = tuple(tensor.shape)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.folder / f"model-partial-{len(self._shards) + 1:05d}.safetensors"
+        write_safetensors(path, self._pending)
+        self._shards.append((path, [item.key for item in self._pending]))
+        self._pending, self._pending_bytes = [], 0
+
+    def close(self) -> list[str]:
+        """Writes what is left, names the shards and writes the index; returns the shard file names."""
+        self.flush()
+        count = len(self._shards)
+        if count == 1:
+            self._shards[0][0].rename(self.folder / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for number, (path, keys) in enumerate(self._shards, start=1):
+            name = f"model-{number:05d}-of-{count:05d}.safetensors"
+            path.rename(self.folder / name)
+            names.append(name)
+            weight_map.update({key: name for key in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+@contextmanager
+def staged_output(output: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """A temporary folder next to `output` that becomes `output` only if the block completes, so an interrupted or
+    failed conversion leaves no half-written model. An existing non-empty `output` needs `force=True`."""
+    output = Path(output)
+    if output.exists() and not force and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"{output} already exists; pass force=True (--force) to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():
+        # Move the old output aside first: a crash between the two renames still leaves one complete model.
+        retired = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+        output.rename(retired)
+        staging.rename(output)
+        if retired.is_dir():
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            retired.unlink()
+    else:
+        staging.rename(output)
+
+
+def progress_bar(total_bytes: int, enabled: bool, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=not enabled)
+
+
+def expected_state_dict_shapes(config: QilinMedVLConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a `QilinMedVLForConditionalGeneration` of `config` saves (built on the meta
+    device: no memory)."""
+    with torch.device("meta"):
+        model = QilinMedVLForConditionalGeneration(config)
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def check_complete(writer: ShardWriter, expected: dict[str, tuple[int, ...]], report: ConversionReport) -> None:
+    """Every expected tensor written with the expected shape, and nothing else."""
+    unexpected = sorted(set(writer.keys) - set(expected))
+    if unexpected:
+        raise ConversionError(f"Tensors the model does not have: {unexpected[:10]}", report)
+    wrong = {key: (shape, expected[key]) for key, shape in writer.keys.items() if expected[key] != shape}
+    if wrong:
+        details = ", ".join(f"{key} {got} (expected {want})" for key, (got, want) in list(wrong.items())[:10])
+        raise ConversionError(f"Shape mismatch: {details}", report)
+    report.missing = sorted(set(expected) - set(writer.keys))
+    if report.missing:
+        raise ConversionError(
+            f"{len(report.missing)} tensors of the model have no source, e.g. {report.missing[:10]}", report
+        )
+
+
+def save_remote_code_and_config(folder: Path, config: QilinMedVLConfig) -> None:
+    """`config.json` with `auto_map` plus the flat set of remote-code files, as `save_pretrained` would write them
+    for a `QilinMedVLForConditionalGeneration` (which is never materialised here)."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    with torch.device("meta"):
+        meta_model = QilinMedVLForConditionalGeneration(config)
+    custom_object_save(meta_model, folder)
+    entry = f"{QilinMedVLForConditionalGeneration.__module__.split('.')[-1]}.QilinMedVLForConditionalGeneration"
+    config.architectures = ["QilinMedVLForConditionalGeneration"]
+    config.auto_map = {
+        "AutoConfig": f"{QilinMedVLConfig.__module__.split('.')[-1]}.QilinMedVLConfig",
+        "AutoModel": entry,
+        "AutoModelForImageTextToText": entry,
+    }
+    config.save_pretrained(folder)
+
+
+def dtype_from_name(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"Not a floating-point dtype: {name!r}")
+    return dtype
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple if multiple > 1 else value
+
+
+def grow_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` `(n, D)` with rows appended up to `rows`, each the mean of the existing rows: a neutral start for
+    tokens the model never saw (the `<image>` row is never read, image features replace it)."""
+    extra = rows - tensor.shape[0]
+    if extra <= 0:
+        return tensor
+    mean = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype)
+    return torch.cat([tensor, mean.expand(extra, -1)], dim=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The original release
+# --------------------------------------------------------------------------------------------------------------
+
+TEXT_CONFIG_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "hidden_act",
+    "initializer_range",
+    "rope_theta",
+    "rope_scaling",
+    "attention_bias",
+    "bos_token_id",
+    "eos_token_id",
+)
+SELECT_FEATURE_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
+PROJECTOR_TYPES_BY_NAME = {"mlp2x_gelu": "mlp2x_gelu", "linear": "linear"}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _source_dtype(config: dict) -> torch.dtype | None:
+    name = config.get("torch_dtype") or config.get("dtype")
+    return dtype_from_name(name) if name else None
+
+
+def vision_config_from_clip(clip_folder: Path) -> dict:
+    """The `clip_vision_model` config of a CLIP checkpoint folder (full `CLIPModel` or vision-only)."""
+    config = _read_json(clip_folder / "config.json")
+    if not config:
+        raise ConversionError(f"{clip_folder} has no config.json: not a CLIP checkpoint")
+    if config.get("model_type") == "clip":
+        from transformers import CLIPConfig
+
+        vision = CLIPConfig(**{k: v for k, v in config.items() if k in ("vision_config", "text_config")}).vision_config
+    elif config.get("model_type") == "clip_vision_model":
+        from transformers import CLIPVisionConfig
+
+        vision = CLIPVisionConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    else:
+        raise ConversionError(f"{clip_folder} holds a {config.get('model_type')!r} model, not CLIP")
+    return vision.to_dict()
+
+
+def qilin_config_from_original(
+    original: dict, text_source: dict, vision_config: dict, vocab_size: int, image_token_id: int, pad_token_id: int
+) -> QilinMedVLConfig:
+    """The `QilinMedVLConfig` of an original LLaVA-fork checkpoint.
+
+    original: the release's config.json (the `mm_*` fields); text_source: the config of the checkpoint holding the
+    LLaMA weights (the release itself, or the base model of a projector-only release)."""
+    if original.get("mm_use_im_start_end") or original.get("mm_use_im_patch_token"):
+        raise ConversionError("mm_use_im_start_end / mm_use_im_patch_token checkpoints are not supported")
+    projector_type = original.get("mm_projector_type", "linear" if "mm_projector_type" not in original and original.get("mm_hidden_size") and not original.get("mm_projector_type") and original.get("_projector_hint") == "linear" else "mlp2x_gelu")
+    if projector_type not in PROJECTOR_TYPES_BY_NAME:
+        raise ConversionError(f"mm_projector_type {projector_type!r} is not supported (mlp2x_gelu or linear)")
+    select_feature = original.get("mm_vision_select_feature", "patch")
+    if select_feature not in SELECT_FEATURE_TO_STRATEGY:
+        raise ConversionError(f"mm_vision_select_feature {select_feature!r} is not supported (patch or cls_patch)")
+    if original.get("mm_hidden_size") not in (None, vision_config["hidden_size"]):
+        raise ConversionError(
+            f"mm_hidden_size {original['mm_hidden_size']} does not match the CLIP tower's {vision_config['hidden_size']}"
+        )
+    text_config = {"model_type": "llama", **{k: text_source[k] for k in TEXT_CONFIG_FIELDS if k in text_source}}
+    text_config.setdefault("num_key_value_heads", text_config.get("num_attention_heads"))
+    text_config.update(vocab_size=vocab_size, pad_token_id=pad_token_id)
+    strategy = SELECT_FEATURE_TO_STRATEGY[select_feature]
+    patches = (vision_config["image_size"] // vision_config["patch_size"]) ** 2
+    return QilinMedVLConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        projector_type=PROJECTOR_TYPES_BY_NAME[projector_type],
+        image_token_id=image_token_id,
+        image_seq_length=patches + (strategy == "full"),
+        vision_feature_layer=original.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy=strategy,
+        tie_word_embeddings=bool(text_source.get("tie_word_embeddings", False)),
+    )
+
+
+def load_original_tokenizer(folder: Path):
+    """The release's tokenizer (a slow SentencePiece `tokenizer.model`, or a `tokenizer.json`) as a transformers
+    tokenizer. transformers 5 converts `tokenizer.model` to a fast tokenizer, which needs `sentencepiece` and
+    `protobuf`."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        raise ConversionError(f"{folder} has no tokenizer.model or tokenizer.json")
+    try:
+        if (folder / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(folder)
+        return LlamaTokenizer.from_pretrained(folder)
+    except ImportError as error:
+        raise ImportError(
+            f"Converting {folder / 'tokenizer.model'} needs sentencepiece and protobuf: "
+            "pip install 'qilin-med-vl[convert]'"
+        ) from error
+
+
+def prepare_tokenizer(tokenizer, model_max_length: int | None = None):
+    """Adds `<image>` as a special token (if missing); pad = unk (id 0), as the original trained with; left
+    padding, which batched generation needs. Returns the tokenizer."""
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id):
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "left"
+    if model_max_length:
+        tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+def build_processor(tokenizer, config: QilinMedVLConfig, image_source: dict | None = None, do_pad: bool = True):
+    """`QilinProcessor` (v1 chat template) for `config`: CLIP normalisation (from `image_source`, a
+    preprocessor_config.json, where given), the vision tower's resolution, HiA's high-resolution view at twice it."""
+    image_size = config.vision_config.image_size
+    image_source = image_source or {}
+    kwargs = {key: image_source[key] for key in ("image_mean", "image_std") if key in image_source}
+    image_processor = QilinImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        high_res_size=2 * image_size,
+        do_pad=do_pad,
+        **kwargs,
+    )
+    return QilinProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.image_seq_length
+    )
+
+
+def build_generation_config(source: dict, tokenizer):
+    from transformers import GenerationConfig
+
+    values = {k: v for k, v in source.items() if k not in ("transformers_version", "_from_model_config")}
+    generation_config = GenerationConfig(**values)
+    generation_config.bos_token_id = tokenizer.bos_token_id
+    generation_config.eos_token_id = tokenizer.eos_token_id
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    return generation_config
+
+
+def _ignored_files(folder: Path, read: Iterable[Path]) -> list[str]:
+    read = {path.resolve() for path in read}
+    return sorted(
+        path.name
+        for path in folder.iterdir()
+        if path.is_file() and path.suffix in (".bin", ".safetensors", ".pt", ".pth") and path.resolve() not in read
+    )
+
+
+def _compare(tensor: torch.Tensor, reference: torch.Tensor) -> str:
+    if tensor.shape != reference.shape:
+        return f"shape {tuple(tensor.shape)} vs {tuple(reference.shape)}"
+    difference = (tensor.float() - reference.float()).abs().max().item() if tensor.numel() else 0.0
+    return "identical" if difference == 0 else f"differs, max |diff| {difference:.3g}"
+
+
+def convert_original(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    clip: str | os.PathLike = DEFAULT_CLIP,
+    base_model: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    force: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    vocab_multiple: int = VOCAB_MULTIPLE,
+    progress: bool = True,
+) -> ConversionReport:
+    """Converts an original Qilin-Med-VL release into an HF-native folder.
+
+    Args:
+        source: the release (folder or Hub repo id): `pytorch_model-*.bin` shards (or safetensors) and/or
+            `mm_projector.bin`, a config with `mm_*` fields, the SentencePiece tokenizer.
+        output: the folder to create: safetensors shards, `QilinMedVLConfig`, `QilinProcessor` with the v1 chat
+            template, the remote-code files and `generation_config.json`.
+        clip: the CLIP ViT-L/14-336 checkpoint (folder or repo id) the vision tower comes from, in place of the
+            private `mm_vision_tower` path of the release.
+        base_model: the LLaMA checkpoint for a projector-only release (`mm_projector.bin` without LLM weights).
+        dtype: output dtype of floating-point tensors; "auto" keeps the release's `torch_dtype` (bf16).
+        force: replace an existing `output`.
+        max_shard_size: output shard size limit, e.g. "5GB".
+        vocab_multiple: `embed_tokens` / `lm_head` grow to a multiple of this many rows after `<image>` is added.
+        progress: show a progress bar.
+
+    Returns:
+        The `ConversionReport`: every source tensor mapped or dropped with a reason. A source tensor no rule
+        knows, or a model tensor without a source, raises `ConversionError` and writes nothing.
+    """
+    report = ConversionReport()
+    source_folder = resolve_checkpoint(source, ORIGINAL_DOWNLOAD_PATTERNS)
+    original = _read_json(source_folder / "config.json")
+    if "text_config" in original:
+        raise ConversionError(f"{source} is a transformers llava-hf checkpoint: use convert_llava_hf")
+    llm_files = find_weight_files(source_folder)
+    projector_file = source_folder / "mm_projector.bin"
+    projector_file = projector_file if projector_file.is_file() else None
+    llm_folder, llm_origin = source_folder, "model"
+    if not llm_files:
+        if base_model is None:
+            raise ConversionError(
+                f"{source} holds no language-model weights (a projector-only release): pass base_model, the LLaMA "
+                "checkpoint it was trained on"
+            )
+        llm_folder, llm_origin = resolve_checkpoint(base_model, ORIGINAL_DOWNLOAD_PATTERNS), "base"
+        llm_files = find_weight_files(llm_folder)
+        if not llm_files:
+            raise ConversionError(f"{base_model} holds no weights")
+    elif base_model is not None:
+        raise ConversionError(f"{source} already holds language-model weights; base_model is only for projector-only releases")
+    text_source = _read_json(llm_folder / "config.json") if llm_origin == "base" else original
+    if "hidden_size" not in text_source:
+        raise ConversionError(f"{llm_folder / 'config.json'} does not describe the language model")
+
+    clip_folder = resolve_clip(clip)
+    vision_config = vision_config_from_clip(clip_folder)
+    clip_files = find_weight_files(clip_folder)
+    if not clip_files:
+        raise ConversionError(f"{clip_folder} holds no CLIP weights")
+    clip_weights = LazyCheckpoint(clip_files)
+
+    tokenizer_folder = source_folder if any(
+        (source_folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")
+    ) else llm_folder
+    tokenizer = prepare_tokenizer(load_original_tokenizer(tokenizer_folder))
+    source_rows = int(text_source.get("vocab_size", 32000))
+    rows = round_up(max(source_rows, len(tokenizer)), vocab_multiple)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    projector_pending: dict[str, tuple[str, torch.Tensor]] = {}
+    if projector_file is not None:
+        projector_keys = set()
+        for key, tensor in iter_tensors(projector_file):
+            projector_keys.add(key)
+            matched, target, _ = map_key(ORIGINAL_LLM_RULES, key)
+            if not matched or target is None or not target.startswith("model.multi_modal_projector."):
+                raise ConversionError(f"Unexpected tensor in {projector_file.name}: {key}", report)
+            projector_pending[target] = (f"projector:{key}", tensor)
+        if "model.mm_projector.weight" in projector_keys and "mm_projector_type" not in original:
+            original = {**original, "mm_projector_type": "linear"}
+
+    config = qilin_config_from_original(
+        original, text_source, vision_config, rows, image_token_id, tokenizer.pad_token_id
+    )
+    target_dtype = dtype_from_name(None if dtype == "auto" else dtype) or _source_dtype(original) or _source_dtype(text_source)
+    expected = expected_state_dict_shapes(config)
+    grown = {"model.language_model.embed_tokens.weight", "lm_head.weight"}
+
+    read_files = [*llm_files, *clip_files, *([projector_file] if projector_file else [])]
+    total = sum(path.stat().st_size for path in read_files)
+    with staged_output(output, force) as staging, progress_bar(total, progress, "Converting") as bar:
+        writer = ShardWriter(staging, parse_size(max_shard_size))
+
+        def emit(source_key: str, target: str, tensor: torch.Tensor) -> None:
+            nonlocal target_dtype
+            if target_dtype is None and tensor.is_floating_point():
+                target_dtype = tensor.dtype  # no torch_dtype in the config: keep the weights' own
+            if target in grown:
+                if tensor.shape[0] != source_rows:
+                    raise ConversionError(f"{source_key} has {tensor.shape[0]} rows, the config says {source_rows}", report)
+                if rows > tensor.shape[0]:
+                    report.created[target] = f"rows {tensor.shape[0]} -> {rows}, new rows = mean of the existing rows"
+                tensor = grow_rows(tensor, rows)
+            writer.add(target, tensor, target_dtype)
+            report.mapped[source_key] = target
+
+        # 1. Language model (and whatever else the release's shards carry), one file at a time.
+        for path in llm_files:
+            for key, tensor in iter_tensors(path):
+                source_key = f"{llm_origin}:{key}"
+                bar.update(tensor.numel() * tensor.element_size())
+                matched, target, reason = map_key(ORIGINAL_LLM_RULES, key)
+                if not matched:
+                    raise ConversionError(f"Unexpected tensor {key} in {path.name}: no rule maps it", report)
+                if target is None:
+                    report.dropped[source_key] = reason
+                elif target.startswith("model.vision_tower."):
+                    clip_matched, clip_key = _clip_key_for(target, clip_weights)
+                    verdict = _compare(tensor, clip_weights.get(clip_key)) if clip_matched else "absent from CLIP"
+                    report.dropped[source_key] = (
+                        f"embedded CLIP copy, ignored by the original loader; the vision tower comes from {clip} ({verdict})"
+                    )
+                elif target in projector_pending:
+                    other_key, other = projector_pending.pop(target)
+                    report.dropped[other_key] = (
+                        f"mm_projector.bin duplicates the projector in the shards, which win ({_compare(other, tensor)})"
+                    )
+                    emit(source_key, target, tensor)
+                else:
+                    emit(source_key, target, tensor)
+                del tensor
+
+        # 2. The projector from mm_projector.bin, where the shards did not carry one.
+        for target, (source_key, tensor) in projector_pending.items():
+            emit(source_key, target, tensor)
+        if projector_file is not None:
+            bar.update(projector_file.stat().st_size)
+
+        # 3. The CLIP vision tower.
+        for path in clip_files:
+            for key, tensor in iter_tensors(path):
+                bar.update(tensor.numel() * tensor.element_size())
+                matched, target, reason = map_key(CLIP_RULES, key)
+                if not matched:
+                    raise ConversionError(f"Unexpected tensor {key} in CLIP file {path.name}", report)
+                if target is None:
+                    report.dropped[f"clip:{key}"] = reason
+                else:
+                    emit(f"clip:{key}", target, tensor)
+                del tensor
+
+        if target_dtype is not None:
+            config.dtype = target_dtype
+        check_complete(writer, expected, report)
+        writer.close()
+
+        save_remote_code_and_config(staging, config)
+        do_pad = original.get("image_aspect_ratio", "pad") == "pad"
+        if original.get("image_aspect_ratio") not in (None, "pad", "square"):
+            raise ConversionError(f"image_aspect_ratio {original['image_aspect_ratio']!r} is not supported (pad or square)")
+        processor = build_processor(tokenizer, config, _read_json(clip_folder / "preprocessor_config.json"), do_pad)
+        processor.save_pretrained(staging)
+        build_generation_config(_read_json(source_folder / "generation_config.json"), tokenizer).save_pretrained(staging)
+    report.ignored_files = _ignored_files(source_folder, read_files) + (
+        _ignored_files(llm_folder, read_files) if llm_folder != source_folder else []
+    )
+    report.output = str(output)
+    return report
+
+
+def _clip_key_for(target: str, clip_weights: LazyCheckpoint) -> tuple[bool, str | None]:
+    """The CLIP checkpoint key that fills `target` (`model.vision_tower.X`): `vision_model.X` or plain `X`."""
+    suffix = target.removeprefix("model.vision_tower.")
+    for candidate in (f"vision_model.{suffix}", suffix):
+        if candidate in clip_weights:
+            return True, candidate
+    return False, None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def add_common_arguments(parser) -> None:
+    parser.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="output shard size limit (default 5GB)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--report", help="also write the conversion report (every source tensor) to this JSON file")
+
+
+def finish(report: ConversionReport, args) -> int:
+    print(report.summary())
+    if getattr(args, "report", None):
+        report.save(args.report)
+    return 0
+
+
+def _run(args) -> int:
+    report = convert_original(
+        args.source,
+        args.output,
+        clip=args.clip,
+        base_model=args.base_model,
+        dtype=args.dtype,
+        force=args.force,
+        max_shard_size=args.max_shard_size,
+        progress=args.progress,
+    )
+    return finish(report, args)
+
+
+def add_cli(modes) -> None:
+    """Adds `original` to the `convert` sub-modes."""
+    parser = modes.add_parser(
+        "original",
+        help="the original Qilin-Med-VL release (LLaVA-fork .bin shards / mm_projector.bin) -> HF-native folder",
+        description=convert_original.__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("source", help="folder or Hub repo id of the original release")
+    parser.add_argument("output", help="folder to create")
+    parser.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP vision checkpoint, folder or repo id (default {DEFAULT_CLIP})")
+    parser.add_argument("--base-model", help="LLaMA checkpoint for a projector-only release (mm_projector.bin only)")
+    parser.add_argument("--dtype", default="auto", help="output dtype: auto (the release's, bf16), bfloat16, float16, float32")
+    add_common_arguments(parser)
+    parser.set_defaults(handler=_run)
+
+
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "DEFAULT_CLIP",
+    "convert_original",
+    "qilin_config_from_original",
+]
