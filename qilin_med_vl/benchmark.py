@@ -377,10 +377,26 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def pin_malloc_to_mmap(threshold: int = 64 * 1024) -> bool:
+    """glibc only: serve every allocation of `threshold` bytes or more with mmap, returned to the kernel on free
+    (a fixed threshold also turns off glibc's adaptive threshold). Then the RSS high-water mark follows the live
+    large tensors instead of heap pages glibc keeps. Slows allocation down: call it after the timing runs."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        ok = libc.mallopt(m_mmap_threshold, int(threshold)) == 1
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
 def rss_peak_delta(fn) -> int | None:
     """Peak resident-set growth (bytes) while `fn()` runs: resets the kernel's high-water mark (VmHWM) through
-    /proc/self/clear_refs, then reads it. None where that is not possible. Includes allocator slack and anything
-    else the process allocates; freed heap memory that glibc keeps is reused without showing up."""
+    /proc/self/clear_refs, then reads it. None where that is not possible. Counts everything the process touches
+    (allocator slack, thread stacks, buffers outside torch); see `pin_malloc_to_mmap`."""
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -496,3 +512,173 @@ def machine_description() -> dict:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Suite 1: the same weights in QilinMedVLForConditionalGeneration and transformers' LlavaForConditionalGeneration
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _qilin_class():
+    from .modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
+
+    return QilinMedVLForConditionalGeneration
+
+
+def build_model(config, seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = _qilin_class()(config).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def llava_twin(model):
+    """transformers' `LlavaForConditionalGeneration` holding the same weights (strict load), same attention."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .conversion.llava import llava_config_from_qilin
+
+    llava_config = llava_config_from_qilin(model.config)
+    llava_config._attn_implementation = model.config._attn_implementation
+    twin = LlavaForConditionalGeneration(llava_config).to(model.dtype).eval()
+    twin.load_state_dict(model.state_dict(), strict=True)
+    twin.generation_config.pad_token_id = 0
+    return twin
+
+
+def _peak_live_bytes(fn) -> int:
+    gc.collect()
+    with torch.inference_mode(), LiveTensorBytes() as tracker:
+        fn()
+    return tracker.peak
+
+
+def _no_grad_call(model, inputs):
+    with torch.inference_mode():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def time_models(models: dict, inputs: dict, repeats: int, warmup: int, new_tokens: int = 0, prefill: bool = True,
+                synchronize=None) -> dict:
+    """Interleaved timing of several models. `inputs` maps each model name to its inputs. Per round and model: one
+    prefill forward and/or one `generate` of `new_tokens` tokens. Returns per model the lists (one entry per round)
+    of prefill seconds and of the median decode-step seconds of that round."""
+    runners = {}
+    for name, model in models.items():
+        def run(model=model, name=name):
+            out = {}
+            if prefill:
+                out["prefill"] = time_prefill(model, inputs[name], synchronize)
+            if new_tokens:
+                generation = time_generate(model, inputs[name], new_tokens, synchronize)
+                out["decode_step"] = statistics.median(generation["steps"])
+                out["generate_prefill"] = generation["prefill"]
+            return out
+        runners[name] = run
+    rounds = interleave(runners, repeats, warmup)
+    return {name: {key: [r[key] for r in results] for key in results[0]} for name, results in rounds.items()}
+
+
+def paired_ratio(numerator: list, denominator: list) -> dict:
+    """Median (and quartiles) of the per-round ratios: both runs of a round are adjacent in time, so slow phases of
+    a shared machine cancel out better than in a ratio of medians."""
+    ratios = [a / b for a, b in zip(numerator, denominator) if b]
+    summary = summarize(ratios)
+    summary["ratio_of_medians"] = statistics.median(numerator) / statistics.median(denominator)
+    return summary
+
+
+def _ms(values) -> dict:
+    return {k: (v * 1e3 if k != "n" else v) for k, v in summarize(values).items()}
+
+
+def run_llava_comparison(repeats: int = 15, warmup: int = 2, new_tokens: int = 32, num_images: int = 1,
+                         text_tokens: int = 48, config_kwargs: dict | None = None, log=print) -> dict:
+    config = bench_config(**(config_kwargs or {}))
+    ours = build_model(config)
+    theirs = llava_twin(ours)
+    inputs = make_inputs(config, num_images, text_tokens)
+    with torch.inference_mode():
+        same = (ours(**inputs).logits - theirs(**inputs).logits).abs().max().item()
+        generated_equal = torch.equal(
+            ours.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0),
+            theirs.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0),
+        )
+    models = {"qilin": ours, "llava": theirs}
+    log(f"[llava] hidden={config.text_config.hidden_size} layers={config.text_config.num_hidden_layers} "
+        f"vision {config.vision_config.image_size}px; max |logit difference| = {same:.3g}; "
+        f"greedy tokens identical: {generated_equal}")
+    times = time_models(models, {name: inputs for name in models}, repeats, warmup, new_tokens)
+
+    rows = {}
+    for name, model in models.items():
+        rows[name] = {
+            "prefill_ms": _ms(times[name]["prefill"]),
+            "generate_prefill_ms": _ms(times[name]["generate_prefill"]),
+            "decode_step_ms": _ms(times[name]["decode_step"]),
+            "decode_tokens_per_s": 1.0 / statistics.median(times[name]["decode_step"]),
+            "parameter_bytes": parameter_bytes(model),
+            "peak_prefill_tensor_bytes": _peak_live_bytes(
+                lambda m=model: m(**inputs, use_cache=True, logits_to_keep=1)
+            ),
+            "peak_generate_tensor_bytes": _peak_live_bytes(
+                lambda m=model: m.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                           pad_token_id=0)
+            ),
+        }
+    # Secondary memory figure: the RSS high-water-mark growth of a prefill, with large allocations pinned to mmap.
+    pinned = pin_malloc_to_mmap()
+    rss = interleave({name: (lambda m=m: rss_peak_delta(lambda: _no_grad_call(m, inputs))) for name, m in models.items()},
+                     5, 1)
+    for name in models:
+        values = [v for v in rss[name] if v is not None]
+        rows[name]["rss_peak_delta_prefill_bytes"] = statistics.median(values) if values else None
+
+    def plain_ratio(key):
+        a, b = rows["qilin"][key], rows["llava"][key]
+        return a / b if a is not None and b else None
+
+    ratios = {
+        "prefill_latency": paired_ratio(times["qilin"]["prefill"], times["llava"]["prefill"]),
+        "decode_step_time": paired_ratio(times["qilin"]["decode_step"], times["llava"]["decode_step"]),
+        "generate_prefill_latency": paired_ratio(times["qilin"]["generate_prefill"], times["llava"]["generate_prefill"]),
+        "peak_prefill_tensor_bytes": plain_ratio("peak_prefill_tensor_bytes"),
+        "peak_generate_tensor_bytes": plain_ratio("peak_generate_tensor_bytes"),
+        "rss_peak_delta_prefill": plain_ratio("rss_peak_delta_prefill_bytes"),
+        "parameter_bytes": plain_ratio("parameter_bytes"),
+    }
+    for name in models:
+        log(f"[llava] {name}: prefill {rows[name]['prefill_ms']['median']:.1f} ms, decode "
+            f"{rows[name]['decode_tokens_per_s']:.1f} tok/s, peak prefill tensors "
+            f"{rows[name]['peak_prefill_tensor_bytes'] / 1e6:.2f} MB")
+    log("[llava] ours/theirs: " + ", ".join(
+        f"{k} {(v['median'] if isinstance(v, dict) else v):.3f}" for k, v in ratios.items() if v is not None))
+    return {
+        "config": {
+            "hidden_size": config.text_config.hidden_size,
+            "num_hidden_layers": config.text_config.num_hidden_layers,
+            "intermediate_size": config.text_config.intermediate_size,
+            "num_attention_heads": config.text_config.num_attention_heads,
+            "vocab_size": config.text_config.vocab_size,
+            "vision": f"CLIP {config.vision_config.num_hidden_layers} layers x {config.vision_config.hidden_size}, "
+                      f"{config.vision_config.image_size}px / {config.vision_config.patch_size}",
+            "attn_implementation": config._attn_implementation,
+            "dtype": "float32",
+            "parameters": sum(p.numel() for p in ours.parameters()),
+            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "num_images": num_images,
+            "new_tokens": new_tokens,
+        },
+        "method": (
+            f"{warmup} warm-up rounds then {repeats} interleaved rounds (order alternates each round). Prefill = one "
+            "forward with use_cache and logits_to_keep=1; decode = median per-step time inside generate (a logits "
+            "processor stamps the clock), tokens/s = 1 / that. Ratios = median of per-round ratios (each round's two "
+            "runs are adjacent in time). Peak memory = peak bytes of live torch tensors allocated during the call "
+            "(dispatch-mode tracker; parameters excluded, reported separately); secondary: process RSS high-water-mark "
+            f"growth during one prefill (median of 5; large allocations pinned to mmap: {pinned})."
+        ),
+        "max_abs_logit_difference": same,
+        "greedy_tokens_identical": generated_equal,
+        "models": rows,
+        "ratios_ours_over_theirs": ratios,
+    }

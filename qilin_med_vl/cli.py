@@ -31,6 +31,14 @@ def _answer(model, processor, messages, max_new_tokens, stream=sys.stdout):
 
 
 def chat(args) -> int:
+    if not args.model:
+        from .demo import DEMO_MODEL_DIR, demo_model_available
+
+        if not demo_model_available():
+            print("error: no --model given and the embedded demo model is not installed", file=sys.stderr)
+            return 2
+        args.model = str(DEMO_MODEL_DIR)
+        args.adapter = args.adapter or "hia"
     model, processor = _load(args)
     if args.question:
         _answer(model, processor, [_user_message(args.image, args.question)], args.max_new_tokens)
@@ -53,7 +61,8 @@ def chat(args) -> int:
 
 
 def _add_model_arguments(parser):
-    parser.add_argument("--model", required=True, help="local folder or Hub repo id of a Qilin-Med-VL model")
+    parser.add_argument("--model", help="local folder or Hub repo id of a Qilin-Med-VL model "
+                        "(default: the embedded demo model, with its HiA adapter)")
     parser.add_argument("--adapter", help='adapter to load: "hia" (the model repo\'s hia/ subfolder) or a folder')
     parser.add_argument("--device", help='device or device_map, e.g. "cpu", "cuda:0", "auto"')
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
@@ -74,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     # `train` takes every TrainingArguments flag too, so it parses its own arguments (see main).
     commands.add_parser("train", help="train a stage (align, instruct, hia) with the HF Trainer; --help for flags",
                         add_help=False)
+    from .demo import add_cli as add_demo
     from .evaluation.run import add_cli as add_evaluate
 
     add_evaluate(commands)
+    add_demo(commands)
     return parser
 
 

@@ -34,13 +34,16 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 IMAGE_TOKEN = "<image>"
 
 
-def tiny_tokenizer(model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(model_max_length: int = 2048, extra_characters: str = "") -> PreTrainedTokenizerFast:
     """A character-level Llama-style tokenizer (SentencePiece conventions: "▁" word marker, byte fallback,
-    `<s>` prepended) with `<image>` as a special token. Padding uses `<unk>` (id 0), as Qilin-Med-VL did."""
+    `<s>` prepended) with `<image>` as a special token. Padding uses `<unk>` (id 0), as Qilin-Med-VL did.
+    `extra_characters` get their own tokens too (for example every character of a training set)."""
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     for byte in range(256):
         vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for character in "▁" + "".join(chr(c) for c in range(33, 127)) + CHINESE_CHARACTERS:
+    for character in "▁" + "".join(chr(c) for c in range(33, 127)) + CHINESE_CHARACTERS + extra_characters:
+        if character.isspace():
+            continue
         vocab.setdefault(character, len(vocab))
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])

@@ -550,7 +550,7 @@ def qilin_config_from_original(
     LLaMA weights (the release itself, or the base model of a projector-only release)."""
     if original.get("mm_use_im_start_end") or original.get("mm_use_im_patch_token"):
         raise ConversionError("mm_use_im_start_end / mm_use_im_patch_token checkpoints are not supported")
-    projector_type = original.get("mm_projector_type", "linear" if "mm_projector_type" not in original and original.get("mm_hidden_size") and not original.get("mm_projector_type") and original.get("_projector_hint") == "linear" else "mlp2x_gelu")
+    projector_type = original.get("mm_projector_type", "linear")  # the LLaVA builder's default
     if projector_type not in PROJECTOR_TYPES_BY_NAME:
         raise ConversionError(f"mm_projector_type {projector_type!r} is not supported (mlp2x_gelu or linear)")
     select_feature = original.get("mm_vision_select_feature", "patch")
@@ -585,10 +585,13 @@ def load_original_tokenizer(folder: Path):
 
     if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         raise ConversionError(f"{folder} has no tokenizer.model or tokenizer.json")
+    # Not AutoTokenizer: next to the release's `model_type: "llava"` config it picks a generic class that loses
+    # SentencePiece's word-start marker.
+    tokenizer_class = _read_json(folder / "tokenizer_config.json").get("tokenizer_class", "LlamaTokenizer")
     try:
-        if (folder / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
-        return LlamaTokenizer.from_pretrained(folder)
+        if tokenizer_class.removesuffix("Fast") == "LlamaTokenizer":
+            return LlamaTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
     except ImportError as error:
         raise ImportError(
             f"Converting {folder / 'tokenizer.model'} needs sentencepiece and protobuf: "
@@ -707,6 +710,10 @@ def convert_original(
             raise ConversionError(f"{base_model} holds no weights")
     elif base_model is not None:
         raise ConversionError(f"{source} already holds language-model weights; base_model is only for projector-only releases")
+    # LLaVA pads to a square only for "pad"; "square" (or none) is CLIP's plain resize + centre crop.
+    if original.get("image_aspect_ratio") not in (None, "pad", "square"):
+        raise ConversionError(f"image_aspect_ratio {original['image_aspect_ratio']!r} is not supported (pad or square)")
+    do_pad = original.get("image_aspect_ratio") == "pad" or not original
     text_source = _read_json(llm_folder / "config.json") if llm_origin == "base" else original
     if "hidden_size" not in text_source:
         raise ConversionError(f"{llm_folder / 'config.json'} does not describe the language model")
@@ -735,8 +742,8 @@ def convert_original(
             if not matched or target is None or not target.startswith("model.multi_modal_projector."):
                 raise ConversionError(f"Unexpected tensor in {projector_file.name}: {key}", report)
             projector_pending[target] = (f"projector:{key}", tensor)
-        if "model.mm_projector.weight" in projector_keys and "mm_projector_type" not in original:
-            original = {**original, "mm_projector_type": "linear"}
+        if "mm_projector_type" not in original and "model.mm_projector.0.weight" in projector_keys:
+            original = {**original, "mm_projector_type": "mlp2x_gelu"}  # a release without config.json
 
     config = qilin_config_from_original(
         original, text_source, vision_config, rows, image_token_id, tokenizer.pad_token_id
@@ -814,9 +821,6 @@ def convert_original(
         writer.close()
 
         save_remote_code_and_config(staging, config)
-        do_pad = original.get("image_aspect_ratio", "pad") == "pad"
-        if original.get("image_aspect_ratio") not in (None, "pad", "square"):
-            raise ConversionError(f"image_aspect_ratio {original['image_aspect_ratio']!r} is not supported (pad or square)")
         processor = build_processor(tokenizer, config, _read_json(clip_folder / "preprocessor_config.json"), do_pad)
         processor.save_pretrained(staging)
         build_generation_config(_read_json(source_folder / "generation_config.json"), tokenizer).save_pretrained(staging)

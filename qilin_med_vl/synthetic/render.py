@@ -43,11 +43,11 @@ ATTENUATION_TO_INTENSITY = 0.9
 # Width, in reference pixels, of the linear ramp that softens every drawn edge (bone, lesion, metal) alike.
 EDGE_SOFTNESS = 1.0
 METAL_ATTENUATION = 5.0
-# Small low-density flakes ("moth-eaten"): hole diameter (reference pixels), fraction of the flake the holes cover,
-# and the darkening of the patch between holes relative to a hole.
-FLAKE_HOLE_DIAMETER = 2.4
-FLAKE_HOLE_FILL = 0.25
-FLAKE_BASE_LEVEL = 0.25
+# Low-density flakes are "moth-eaten": holes of this diameter on a lattice of this spacing (reference pixels), over
+# a patch whose own darkening, relative to a hole, is at least FLAKE_BASE_LEVEL (more for large, confluent flakes).
+FLAKE_HOLE_DIAMETER = 1.6
+FLAKE_HOLE_SPACING = 3.0
+FLAKE_BASE_LEVEL = 0.1
 # Largest pose shift between two views of one patient, in reference pixels (texture is drawn with this margin).
 MAX_SHIFT = 12
 
@@ -376,13 +376,18 @@ def _flake_mask(finding: Finding, geometry: _LegGeometry, canvas: _Canvas):
         outline = outline + rng.uniform(0.04, 0.12) * np.cos(harmonic * theta + rng.uniform(0, 2 * np.pi))
     patch = _inside(radius * outline - np.sqrt(x * x + y * y), EDGE_SOFTNESS * k)
     confluence = float(np.clip((finding.size - 8.0) / 16.0, FLAKE_BASE_LEVEL, 0.85))
-    # Hole positions in reference pixels relative to the centre (uniform in the disc), the same in every view.
+    # Holes on a jittered lattice (reference pixels from the centre, the same in every view): spaced so that no two
+    # merge into a blob that a 3x downscale would keep.
+    steps = np.arange(-finding.size / 2, finding.size / 2 + FLAKE_HOLE_SPACING, FLAKE_HOLE_SPACING)
+    lattice_x, lattice_y = np.meshgrid(steps, steps)
+    lattice_x = lattice_x.ravel() + rng.uniform(-0.3, 0.3, lattice_x.size) * FLAKE_HOLE_SPACING
+    lattice_y = lattice_y.ravel() + rng.uniform(-0.3, 0.3, lattice_y.size) * FLAKE_HOLE_SPACING
+    keep = (np.hypot(lattice_x, lattice_y) < finding.size / 2 * 0.9) & (rng.uniform(0, 1, lattice_x.size) < 0.85)
+    if not keep.any():
+        keep[np.argmin(np.hypot(lattice_x, lattice_y))] = True
+    hx = (lattice_x[keep] * k).astype(np.float32)[:, None, None]
+    hy = (lattice_y[keep] * k).astype(np.float32)[:, None, None]
     hole_radius = FLAKE_HOLE_DIAMETER / 2
-    count = max(3, int(round(FLAKE_HOLE_FILL * (finding.size / 2 / hole_radius) ** 2)))
-    distance = finding.size / 2 * 0.85 * np.sqrt(rng.uniform(0, 1, count))
-    angle = rng.uniform(0, 2 * np.pi, count)
-    hx = (distance * np.cos(angle) * k).astype(np.float32)[:, None, None]
-    hy = (distance * np.sin(angle) * k).astype(np.float32)[:, None, None]
     holes = _inside(hole_radius * k - np.sqrt((x - hx) ** 2 + (y - hy) ** 2), EDGE_SOFTNESS * k).max(axis=0)
     return rows, cols, patch * np.maximum(confluence, holes)
 

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validate-only", action="store_true", help="check the data, print a summary and stop")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     parser.add_argument("--config", help="YAML or JSON file of TrainingArguments (flags given here win)")
+    parser.add_argument("--train-vision", action="store_true",
+                        help="instruct stage: also train the vision tower (frozen by default, as Qilin-Med-VL did; "
+                             "useful when it was not pretrained, as in the synthetic demo)")
     parser.add_argument("--lora", action="store_true", help="instruct stage: train LoRA adapters instead")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--load-in-4bit", action="store_true", help="instruct stage: QLoRA on a 4-bit base")
@@ -89,14 +92,13 @@ def parse_args(argv):
     return args, training_args
 
 
-def _freeze_for_stage(model, stage: str) -> None:
+def _freeze_for_stage(model, stage: str, train_vision: bool = False) -> None:
     model.requires_grad_(False)
-    if stage == "align":
-        model.model.multi_modal_projector.requires_grad_(True)
-    elif stage == "instruct":
-        model.model.multi_modal_projector.requires_grad_(True)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if stage == "instruct":
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
+        model.model.vision_tower.requires_grad_(train_vision)
 
 
 def build_model(args, training_args):
@@ -145,7 +147,7 @@ def build_model(args, training_args):
                           target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"])
         model = get_peft_model(model, lora)
     else:
-        _freeze_for_stage(model, args.stage)
+        _freeze_for_stage(model, args.stage, args.train_vision)
     return model
 
 
