@@ -467,17 +467,38 @@ def summarize(values) -> dict:
     return {"median": statistics.median(values), "p25": quartiles[0], "p75": quartiles[2], "n": len(values)}
 
 
-def interleave(runners: dict, repeats: int, warmup: int = 1) -> dict:
-    """Runs every callable of `runners` once per round, alternating the order each round, `warmup` discarded rounds
-    first; returns each runner's list of results."""
+# A run counts as contended when the process got less than this share of its threads' CPU time (the machine is
+# shared: another process taking a core halves the speed of a two-thread run).
+CONTENTION_THRESHOLD = 0.85
+
+
+def interleave(runners: dict, repeats: int, warmup: int = 1, max_rounds: int | None = None) -> dict:
+    """Runs every callable of `runners` once per round, alternating the order each round, after `warmup` discarded
+    rounds. Each run's CPU share (process CPU time / wall time / threads) is recorded; a round is clean when every run
+    in it got at least `CONTENTION_THRESHOLD`. Rounds continue until `repeats` clean rounds or `max_rounds` (default
+    3 x repeats) rounds. Returns each runner's results from the clean rounds (all rounds if fewer than `repeats` were
+    clean), plus `_rounds` bookkeeping."""
     names = list(runners)
-    results = {name: [] for name in names}
-    for round_index in range(warmup + repeats):
+    max_rounds = max_rounds or 3 * repeats
+    threads = torch.get_num_threads()
+    clean, everything = [], []
+    for round_index in range(warmup + max_rounds):
         order = names if round_index % 2 == 0 else names[::-1]
+        values, shares = {}, []
         for name in order:
-            value = runners[name]()
-            if round_index >= warmup:
-                results[name].append(value)
+            wall, cpu = time.perf_counter(), time.process_time()
+            values[name] = runners[name]()
+            shares.append((time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9) / threads)
+        if round_index < warmup:
+            continue
+        everything.append(values)
+        if min(shares) >= CONTENTION_THRESHOLD:
+            clean.append(values)
+        if len(clean) >= repeats:
+            break
+    used = clean if len(clean) >= repeats else everything
+    results = {name: [values[name] for values in used] for name in names}
+    results["_rounds"] = {"clean": len(clean), "run": len(everything), "used": "clean" if used is clean else "all"}
     return results
 
 
@@ -558,6 +579,48 @@ def _no_grad_call(model, inputs):
         model(**inputs, use_cache=True, logits_to_keep=1)
 
 
+def _rss_child(config_kwargs, num_images, text_tokens):
+    """In a fresh process: RSS high-water-mark growth of one prefill for ours and Llava (median of 5 interleaved)."""
+    pinned = pin_malloc_to_mmap()
+    config = bench_config(**config_kwargs)
+    ours = build_model(config)
+    models = {"qilin": ours, "llava": llava_twin(ours)}
+    inputs = make_inputs(config, num_images, text_tokens)
+    for model in models.values():
+        _no_grad_call(model, inputs)
+    rss = interleave({name: (lambda m=m: rss_peak_delta(lambda: _no_grad_call(m, inputs))) for name, m in models.items()},
+                     5, 1, max_rounds=5)
+    result = {"pinned": pinned}
+    for name in models:
+        values = [v for v in rss[name] if v is not None]
+        result[name] = statistics.median(values) if values else None
+    return result
+
+
+def _subprocess_target(queue, fn, args):
+    torch.set_num_threads(1)
+    try:
+        queue.put(("ok", fn(*args)))
+    except Exception as error:  # reported to the parent
+        queue.put(("error", repr(error)))
+
+
+def _in_subprocess(fn, *args):
+    """Runs `fn(*args)` in a fresh spawned interpreter and returns its (picklable) result, {} on failure."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_subprocess_target, args=(queue, fn, args))
+    process.start()
+    try:
+        status, value = queue.get(timeout=600)
+    except Exception as error:
+        status, value = "error", repr(error)
+    process.join(timeout=60)
+    return value if status == "ok" else {"error": value}
+
+
 def time_models(models: dict, inputs: dict, repeats: int, warmup: int, new_tokens: int = 0, prefill: bool = True,
                 synchronize=None) -> dict:
     """Interleaved timing of several models. `inputs` maps each model name to its inputs. Per round and model: one
@@ -576,7 +639,9 @@ def time_models(models: dict, inputs: dict, repeats: int, warmup: int, new_token
             return out
         runners[name] = run
     rounds = interleave(runners, repeats, warmup)
-    return {name: {key: [r[key] for r in results] for key in results[0]} for name, results in rounds.items()}
+    out = {name: {key: [r[key] for r in rounds[name]] for key in rounds[name][0]} for name in models}
+    out["_rounds"] = rounds["_rounds"]
+    return out
 
 
 def paired_ratio(numerator: list, denominator: list) -> dict:
@@ -626,13 +691,11 @@ def run_llava_comparison(repeats: int = 15, warmup: int = 2, new_tokens: int = 3
                                            pad_token_id=0)
             ),
         }
-    # Secondary memory figure: the RSS high-water-mark growth of a prefill, with large allocations pinned to mmap.
-    pinned = pin_malloc_to_mmap()
-    rss = interleave({name: (lambda m=m: rss_peak_delta(lambda: _no_grad_call(m, inputs))) for name, m in models.items()},
-                     5, 1)
+    # Secondary memory figure, in a fresh process (pinning malloc to mmap would slow later timings down).
+    rss = _in_subprocess(_rss_child, config_kwargs or {}, num_images, text_tokens)
     for name in models:
-        values = [v for v in rss[name] if v is not None]
-        rows[name]["rss_peak_delta_prefill_bytes"] = statistics.median(values) if values else None
+        rows[name]["rss_peak_delta_prefill_bytes"] = rss.get(name)
+    pinned = rss.get("pinned")
 
     def plain_ratio(key):
         a, b = rows["qilin"][key], rows["llava"][key]
@@ -677,8 +740,195 @@ def run_llava_comparison(repeats: int = 15, warmup: int = 2, new_tokens: int = 3
             "(dispatch-mode tracker; parameters excluded, reported separately); secondary: process RSS high-water-mark "
             f"growth during one prefill (median of 5; large allocations pinned to mmap: {pinned})."
         ),
+        "rounds": times["_rounds"],
+        "threads": torch.get_num_threads(),
         "max_abs_logit_difference": same,
         "greedy_tokens_identical": generated_equal,
         "models": rows,
         "ratios_ours_over_theirs": ratios,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefill measured stage by stage on any device, including `meta` (no weights)
+# ---------------------------------------------------------------------------------------------------------------------
+#
+# The model's own forward cannot run on the meta device: it reads data (`int(mask.sum())`, `masked_scatter`,
+# `nonzero` in HiA), which meta tensors do not have. So the prefill is replayed stage by stage with the model's own
+# submodules, in the order `QilinMedVLModel.forward` runs them:
+#   1. vision tower (all hidden states kept, as `output_hidden_states=True` does) + projector; the token embedding and
+#      the merged embedding are empty tensors of the right size (a gather and a scatter: no FLOPs);
+#   2. language model + LM head on the last position (`logits_to_keep=1`, as generate does), KV cache included;
+#   3. HiA (when attached): the high-resolution encoder once, then each block, with the gathers/scatter of
+#      `HiALayer._apply_block` (a copy of the image tokens, the edited copy, an out-of-place `index_put` of the hidden
+#      states).
+# FLOPs are the sum over stages (FlopCounterMode). Peak activation bytes are composed as
+#   max(stage 1 peak, stage 2 peak + bytes held across it (merged embeddings, image features) + stage 3 peak),
+# an upper bound: HiA's transient really happens inside the language model, before the KV cache is complete.
+# `validate_stage_composition` checks this against a real full forward on a small CPU model.
+
+
+def _fused_attention_stub(module, query, key, value, attention_mask, **kwargs):
+    """Stands for a fused attention kernel (flash / memory-efficient sdpa) in memory measurements on the meta device:
+    the output of the right shape, `(batch, q_len, heads, head_dim)`, and no materialized score matrix."""
+    batch, heads, q_len, _ = query.shape
+    return query.new_empty(batch, q_len, heads, value.shape[-1]), None
+
+
+def register_fused_attention_stub(name: str = "bench_fused") -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, _fused_attention_stub)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def build_meta_model(config, hia=None, dtype=torch.bfloat16):
+    """The model on the meta device (shapes, no weights), optionally with a HiA adapter via `peft.get_peft_model`."""
+    with torch.device("meta"):
+        model = _qilin_class()(config)
+    model = model.to(dtype).eval()
+    if hia is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, copy.deepcopy(hia)).eval()
+    return model
+
+
+def _hia_blocks(model) -> list:
+    from .modeling.modeling_hia import HiALayer
+
+    blocks = []
+    for module in model.modules():
+        if isinstance(module, HiALayer):
+            for name in module.active_adapters:
+                if name in module.hia:
+                    blocks.append(module.hia[name])
+    return blocks
+
+
+def measure_prefill_stages(model, num_images: int, text_tokens: int = 64, vision_size: int | None = None,
+                           high_res_size: int | None = None, attention: str | None = None,
+                           count_flops: bool = True) -> dict:
+    """Replays one batch-1 prefill stage by stage (see the comment above) on the model's device and dtype; returns
+    FLOPs and peak tracked bytes per stage and the composed totals. `vision_size` feeds the ViT that resolution with
+    interpolated position embeddings (the paper's baseline); HiA runs when `model` has an active HiA adapter."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if attention:
+        base.set_attn_implementation(attention)
+    config, inner = base.config, base.model
+    parameter = next(base.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    vision = config.vision_config
+    size = vision_size or vision.image_size
+    per_image = (size // vision.patch_size) ** 2
+    tokens = text_tokens + num_images * per_image
+    hidden = config.text_config.hidden_size
+
+    def empty(*shape):
+        return torch.empty(*shape, device=device, dtype=dtype)
+
+    def counters():
+        return (flop_counter() if count_flops else nullcontext()), LiveTensorBytes()
+
+    result = {"tokens": tokens, "image_tokens_per_image": per_image}
+    with torch.inference_mode():
+        pixels = empty(num_images, 3, size, size) if num_images else None
+        flops, memory = counters()
+        with flops, memory:
+            embeds = empty(1, tokens, hidden)  # embed_tokens(input_ids): a gather
+            features = None
+            if num_images:
+                outputs = inner.vision_tower(pixels, output_hidden_states=True,
+                                             interpolate_pos_encoding=size != vision.image_size)
+                selected = outputs.hidden_states[config.vision_feature_layer]
+                if config.vision_feature_select_strategy == "default":
+                    selected = selected[:, 1:]
+                features = inner.multi_modal_projector(selected)
+                del outputs, selected
+            merged = torch.empty_like(embeds)  # masked_scatter
+            del embeds
+        result["stage1_vision"] = {"flops": flops.get_total_flops() if count_flops else None, "peak_bytes": memory.peak}
+        held = merged.nbytes + (features.nbytes if features is not None else 0)
+
+        flops, memory = counters()
+        with flops, memory:
+            outputs = inner.language_model(inputs_embeds=merged, use_cache=True)
+            logits = base.lm_head(outputs.last_hidden_state[:, -1:])
+            kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in outputs.past_key_values.layers)
+        result["stage2_language_model"] = {"flops": flops.get_total_flops() if count_flops else None,
+                                           "peak_bytes": memory.peak, "kv_cache_bytes": kv}
+        del outputs, logits
+
+        blocks = _hia_blocks(model) if num_images else []
+        stage3 = {"flops": 0, "peak_bytes": 0, "blocks": len(blocks)}
+        if blocks:
+            high = high_res_size or blocks[0].high_res_size
+            high_pixels = empty(num_images, 3, high, high)
+            image_tokens = num_images * config.image_seq_length
+            flops, memory = counters()
+            with flops, memory:
+                grid_features = blocks[0].encoder(high_pixels)
+                hidden_states = merged
+                for block in blocks:
+                    index = torch.empty(2, image_tokens, device=device, dtype=torch.long)  # nonzero()
+                    visual = empty(num_images, config.image_seq_length, hidden)  # hidden[batch, position]
+                    instruction = empty(num_images, hidden)
+                    update, _ = block(visual, instruction, grid_features, False)
+                    edited = visual + update
+                    hidden_states = torch.empty_like(hidden_states)  # out-of-place index_put
+                    del index, visual, instruction, update, edited
+                del hidden_states
+            stage3 = {"flops": flops.get_total_flops() if count_flops else None, "peak_bytes": memory.peak,
+                      "blocks": len(blocks), "grid_positions": grid_features.shape[1], "high_res_size": high}
+            del grid_features
+        result["stage3_hia"] = stage3
+    input_bytes = (pixels.nbytes if pixels is not None else 0) + (
+        blocks and num_images * 3 * stage3["high_res_size"] ** 2 * parameter.element_size() or 0)
+    result["held_across_language_model_bytes"] = held
+    result["activation_peak_bytes"] = input_bytes + max(
+        result["stage1_vision"]["peak_bytes"],
+        result["stage2_language_model"]["peak_bytes"] + held + stage3["peak_bytes"],
+    )
+    if count_flops:
+        result["flops"] = (result["stage1_vision"]["flops"] + result["stage2_language_model"]["flops"]
+                           + stage3["flops"])
+    result["parameter_bytes"] = parameter_bytes(model)
+    result["total_bytes"] = result["parameter_bytes"] + result["activation_peak_bytes"]
+    return result
+
+
+def validate_stage_composition(num_images: int = 2, high_res_size: int = 224, text_tokens: int = 48, log=print) -> dict:
+    """Small real CPU model: the stage-by-stage replay against the real full forward (tracked peak bytes and
+    FlopCounterMode FLOPs), with and without HiA."""
+    config = bench_config(hidden_size=256, num_hidden_layers=4, vision_hidden_size=192, vision_layers=2,
+                          vision_heads=3, image_size=224)
+    hia = hia_config_for(high_res_size, encoder_width=16)
+    out = {}
+    for label, with_hia in (("base", False), ("hia", True)):
+        model = build_model(config)
+        if with_hia:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, copy.deepcopy(hia)).eval()
+        inputs = make_inputs(config, num_images, text_tokens, high_res_size if with_hia else None)
+        _no_grad_call(model, inputs)
+        real_peak = _peak_live_bytes(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+        with torch.inference_mode(), flop_counter() as counter:
+            model(**inputs, use_cache=True, logits_to_keep=1)
+        staged = measure_prefill_stages(model, num_images, text_tokens, high_res_size=high_res_size if with_hia else None)
+        analytic = prefill_flops(config, num_images, text_tokens, hia=hia if with_hia else None,
+                                 high_res_size=high_res_size)["total"]
+        out[label] = {
+            "real_forward_peak_bytes": real_peak,
+            "staged_peak_bytes": staged["activation_peak_bytes"],
+            "peak_ratio_staged_over_real": staged["activation_peak_bytes"] / real_peak,
+            "real_forward_flops": counter.get_total_flops(),
+            "staged_flops": staged["flops"],
+            "analytic_flops": analytic,
+        }
+        log(f"[validate] {label}: peak staged/real {out[label]['peak_ratio_staged_over_real']:.3f}; FLOPs real "
+            f"{out[label]['real_forward_flops'] / 1e9:.3f} G, staged {staged['flops'] / 1e9:.3f} G, analytic "
+            f"{analytic / 1e9:.3f} G")
+    return out

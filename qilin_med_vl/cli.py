@@ -86,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_cli as add_demo
     from .evaluation.run import add_cli as add_evaluate
 
+    from .synthetic.dataset import add_cli as add_synth_data
+
     add_evaluate(commands)
     add_demo(commands)
+    add_synth_data(commands)
     return parser
 
 

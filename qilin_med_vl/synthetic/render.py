@@ -17,7 +17,7 @@ Findings (`Finding`) change the maps: a flake or fracture removes part of the bo
 densifies it, narrowing moves the joint surfaces, an implant adds metal.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,6 +28,8 @@ __all__ = [
     "Finding",
     "View",
     "finding_box",
+    "format_visibility_report",
+    "lesion_visibility_report",
     "render_radiograph",
     "sample_anatomy",
     "sample_view",
@@ -46,7 +48,7 @@ METAL_ATTENUATION = 5.0
 # Low-density flakes are "moth-eaten": holes of this diameter on a lattice of this spacing (reference pixels), over
 # a patch whose own darkening, relative to a hole, is at least FLAKE_BASE_LEVEL (more for large, confluent flakes).
 FLAKE_HOLE_DIAMETER = 1.6
-FLAKE_HOLE_SPACING = 3.0
+FLAKE_HOLE_SPACING = 3.4
 FLAKE_BASE_LEVEL = 0.1
 # Largest pose shift between two views of one patient, in reference pixels (texture is drawn with this margin).
 MAX_SHIFT = 12
@@ -170,9 +172,9 @@ def sample_view(rng: np.random.Generator, shift: float = MAX_SHIFT) -> View:
         shift_x=_uniform(rng, -shift, shift),
         shift_y=_uniform(rng, -shift, shift),
         gain=_uniform(rng, 0.88, 1.12),
-        offset=_uniform(rng, -0.06, 0.03),
+        offset=_uniform(rng, -0.06, 0.02),
         heel_gradient=_uniform(rng, -0.04, 0.04),
-        noise_sigma=_uniform(rng, 0.018, 0.03),
+        noise_sigma=_uniform(rng, 0.012, 0.03),
         noise_seed=int(rng.integers(2**31)),
     )
 
@@ -251,10 +253,10 @@ class _LegGeometry:
 
 
 def _tube_profile(u, hollow):
-    """Projected thickness of a tube: outer radius 1, medullary cavity radius `hollow`, filled at 35 % density."""
+    """Projected thickness of a tube: outer radius 1, medullary cavity radius `hollow`, filled at 25 % density."""
     outer = np.sqrt(np.clip(1.0 - u * u, 0.0, None))
     inner = np.sqrt(np.clip(hollow * hollow - u * u, 0.0, None))
-    return outer - 0.65 * inner
+    return outer - 0.75 * inner
 
 
 def _correlated_noise(rng, shape, sigmas_y, sigmas_x, amplitudes):
@@ -315,7 +317,7 @@ def _draw_leg(canvas: _Canvas, anatomy: Anatomy, geometry: _LegGeometry):
     u = (x - geometry.center_x(y)) / width
     bottom = geometry.femur_bottom(u)
     inside = _inside((1.0 - np.abs(u)) * width, soft_edge) * _inside(bottom - y, soft_edge)
-    hollow = 0.62 * (1.0 - _smoothstep((y - (geometry.jy - geometry.flare)) / geometry.flare))
+    hollow = 0.7 * (1.0 - _smoothstep((y - (geometry.jy - geometry.flare)) / geometry.flare))
     plate = 0.3 * np.exp(-(((bottom - y) / (4 * k)) ** 2))  # subchondral plate
     canvas.bone[rows, columns] += anatomy.bone_density * inside * (_tube_profile(u, hollow) + plate)
 
@@ -326,7 +328,7 @@ def _draw_leg(canvas: _Canvas, anatomy: Anatomy, geometry: _LegGeometry):
     u = (x - geometry.center_x(y)) / width
     top = geometry.tibia_top(u)
     inside = _inside((1.0 - np.abs(u)) * width, soft_edge) * _inside(y - top, soft_edge)
-    hollow = 0.62 * (1.0 - _smoothstep(((geometry.jy + geometry.flare) - y) / geometry.flare))
+    hollow = 0.7 * (1.0 - _smoothstep(((geometry.jy + geometry.flare) - y) / geometry.flare))
     plate = 0.3 * np.exp(-(((y - top) / (4 * k)) ** 2))
     canvas.bone[rows, columns] += anatomy.bone_density * inside * (_tube_profile(u, hollow) + plate)
 
@@ -349,7 +351,7 @@ def _draw_leg(canvas: _Canvas, anatomy: Anatomy, geometry: _LegGeometry):
     y = canvas.y[rows][:, None]
     rho = np.sqrt(((x - patella_x) / radius_x) ** 2 + ((y - patella_y) / radius_y) ** 2)
     inside = _inside((1.0 - rho) * min(radius_x, radius_y), soft_edge)
-    canvas.bone[rows, columns] += 0.3 * anatomy.bone_density * inside * np.sqrt(np.clip(1 - rho * rho, 0, None))
+    canvas.bone[rows, columns] += 0.4 * anatomy.bone_density * inside * np.sqrt(np.clip(1 - rho * rho, 0, None))
 
 
 # --- findings -------------------------------------------------------------------------------------------------
@@ -382,7 +384,7 @@ def _flake_mask(finding: Finding, geometry: _LegGeometry, canvas: _Canvas):
     lattice_x, lattice_y = np.meshgrid(steps, steps)
     lattice_x = lattice_x.ravel() + rng.uniform(-0.3, 0.3, lattice_x.size) * FLAKE_HOLE_SPACING
     lattice_y = lattice_y.ravel() + rng.uniform(-0.3, 0.3, lattice_y.size) * FLAKE_HOLE_SPACING
-    keep = (np.hypot(lattice_x, lattice_y) < finding.size / 2 * 0.9) & (rng.uniform(0, 1, lattice_x.size) < 0.85)
+    keep = (np.hypot(lattice_x, lattice_y) < finding.size / 2 * 0.9) & (rng.uniform(0, 1, lattice_x.size) < 0.8)
     if not keep.any():
         keep[np.argmin(np.hypot(lattice_x, lattice_y))] = True
     hx = (lattice_x[keep] * k).astype(np.float32)[:, None, None]
@@ -427,7 +429,7 @@ def _spur(canvas, x_base, y_base, outward, toward_joint, length, base, k, densit
     half = base / 2 * (1.0 - fraction)
     mask = _inside(half - np.abs(b - centre), EDGE_SOFTNESS * k) * _inside(length - a, EDGE_SOFTNESS * k)
     mask = mask * _inside(a + base, EDGE_SOFTNESS * k)  # merges with the bone margin it grows from
-    canvas.bone[rows, cols] += density * 0.9 * mask
+    canvas.bone[rows, cols] += density * 0.6 * mask
 
 
 def _draw_osteophyte(canvas, finding, geometry, anatomy):
@@ -441,7 +443,7 @@ def _draw_osteophyte(canvas, finding, geometry, anatomy):
         depth = 6 * k
         x_edge, y_edge = geometry.point(finding.bone, depth, side * 0.9)
         x_edge = geometry.center_x(y_edge) + side * geometry.half_width(finding.bone, y_edge) * 0.93
-        _spur(canvas, x_edge, y_edge, side, toward_joint, length, 0.8 * length + 4 * k, k, anatomy.bone_density)
+        _spur(canvas, x_edge, y_edge, side, toward_joint, length, 0.55 * length + 3 * k, k, anatomy.bone_density)
 
 
 def _sclerosis(canvas, finding, geometry):
@@ -596,5 +598,101 @@ def finding_box(anatomy: Anatomy, view: View, finding: Finding, image_size: int 
     return [clip(x0 + sx), clip(y0 + sy), clip(x1 + sx), clip(y1 + sy)]
 
 
-def with_shift(view: View, **changes) -> View:
-    return replace(view, **changes)
+
+# --- how much of a small lesion survives downscaling -----------------------------------------------------------
+
+
+def _downscale(image_uint8: np.ndarray, size: int, resample: str) -> np.ndarray:
+    from PIL import Image
+
+    if size == image_uint8.shape[0]:
+        return image_uint8.astype(np.float32) / 255.0
+    method = {"box": Image.Resampling.BOX, "bicubic": Image.Resampling.BICUBIC}[resample]
+    return np.asarray(Image.fromarray(image_uint8).resize((size, size), method), np.float32) / 255.0
+
+
+def lesion_visibility_report(
+    diameters=(6, 8, 10, 12, 24),
+    resolutions=(336, 672, 1024),
+    lesions_per_diameter: int = 6,
+    resamples=("box", "bicubic"),
+    strength: float = 0.8,
+    seed: int = 0,
+) -> list[dict]:
+    """
+    Contrast of low-density flakes that survives downscaling a 1024 px radiograph to each model input size.
+
+    For each lesion, the same patient and exposure (same noise) are drawn with and without it, stored as 8-bit, and
+    downscaled with PIL (`box`, or `bicubic` as the Qilin / CLIP image processor does). At each resolution:
+    - `signal`: the deepest darkening the lesion causes, `max(clean - lesioned)` (intensity, 0..1);
+    - `background`: the standard deviation of the clean image (plane-detrended) in a ring 4-30 reference pixels
+      around the lesion: the bone texture and noise a reader has to tell the lesion from;
+    - `retained`: `signal` as a fraction of the full-resolution signal; `cnr`: `signal / background`.
+
+    Returns:
+        One dict per (diameter, resample, resolution): the means over lesions of the quantities above.
+    """
+    rng = np.random.default_rng(seed)
+    size = REFERENCE_SIZE
+    rows = []
+    for diameter in diameters:
+        samples = {}  # (resample, resolution) -> list of (signal, background)
+        full_signal = []
+        for _ in range(lesions_per_diameter):
+            anatomy, view = sample_anatomy(rng), sample_view(rng)
+            finding = Finding(
+                "flake", int(rng.integers(2)), str(rng.choice(BONES)), depth=float(rng.uniform(45, 100)),
+                across=float(rng.uniform(-0.45, 0.45)), size=float(diameter), strength=strength,
+                seed=int(rng.integers(2**31)),
+            )
+            clean = to_uint8(render_radiograph(anatomy, view, [], size))
+            lesioned = to_uint8(render_radiograph(anatomy, view, [finding], size))
+            centre_x, centre_y = _LegGeometry(anatomy, finding.leg, 1.0).point(finding.bone, finding.depth, finding.across)
+            centre_x, centre_y = centre_x + view.shift_x, centre_y + view.shift_y
+            full_signal.append(float((clean.astype(np.float32) - lesioned).max() / 255.0))
+            for resample in resamples:
+                for resolution in resolutions:
+                    scale = resolution / size
+                    low_clean = _downscale(clean, resolution, resample)
+                    low_lesioned = _downscale(lesioned, resolution, resample)
+                    yy, xx = np.mgrid[0:resolution, 0:resolution].astype(np.float32) + 0.5
+                    rho = np.hypot(xx - centre_x * scale, yy - centre_y * scale)
+                    ring = (rho > (diameter / 2 + 4) * scale) & (rho < (diameter / 2 + 30) * scale)
+                    design = np.stack([xx[ring], yy[ring], np.ones(int(ring.sum()), np.float32)], axis=1)
+                    values = low_clean[ring]
+                    residual = values - design @ np.linalg.lstsq(design, values, rcond=None)[0]
+                    signal = float((low_clean - low_lesioned).max())
+                    samples.setdefault((resample, resolution), []).append((signal, float(residual.std())))
+        reference = float(np.mean(full_signal))
+        for (resample, resolution), values in samples.items():
+            signal = np.array([v[0] for v in values])
+            background = np.array([v[1] for v in values])
+            rows.append({
+                "diameter": float(diameter),
+                "resample": resample,
+                "resolution": resolution,
+                "signal": float(signal.mean()),
+                "background": float(background.mean()),
+                "retained": float(signal.mean() / reference),
+                "cnr": float((signal / background).mean()),
+            })
+    return rows
+
+
+def format_visibility_report(rows: list[dict]) -> str:
+    """A Markdown table of `lesion_visibility_report` rows: retained contrast and CNR per size and resolution."""
+    resolutions = sorted({row["resolution"] for row in rows})
+    header = "| diameter at 1024 | resample | " + " | ".join(f"retained / CNR at {r}" for r in resolutions) + " |"
+    lines = [header, "|" + "---|" * (2 + len(resolutions))]
+    keys = sorted({(row["diameter"], row["resample"]) for row in rows})
+    for diameter, resample in keys:
+        cells = []
+        for resolution in resolutions:
+            row = next(r for r in rows if (r["diameter"], r["resample"], r["resolution"]) == (diameter, resample, resolution))
+            cells.append(f"{row['retained']:.2f} / {row['cnr']:.1f}")
+        lines.append(f"| {diameter:g} px | {resample} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(format_visibility_report(lesion_visibility_report()))

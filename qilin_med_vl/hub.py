@@ -1,0 +1,319 @@
+# Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
+"""Publishing to the Hugging Face Hub: assemble a repo folder, check it, upload it.
+
+A repo holds the HF-native model (weights, config, remote code, processor, generation config), optionally the
+HiA adapter in `hia/` (so `model.load_adapter("hia")` works), and a model card (`README.md`) from `model_cards/`
+with its YAML metadata checked.
+
+    >>> from qilin_med_vl.hub import push_to_hub
+    >>> push_to_hub("Qilin-Med-VL-hf", "my-org/Qilin-Med-VL-HiA", adapter="hia-run/checkpoint-final",
+    ...             card="qilin-med-vl-hia", dry_run=True)  # doctest: +SKIP
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .conversion.original import find_weight_files, staged_output
+
+ADAPTER_SUBFOLDER = "hia"
+# Each card in model_cards/ names its own repo with one of these ids; `render_model_card` puts the real one in.
+CARD_REPO_IDS = {
+    "qilin-med-vl": "qilin-med-vl/Qilin-Med-VL",
+    "qilin-med-vl-hia": "qilin-med-vl/Qilin-Med-VL-HiA",
+    "qilin-med-vl-demo": "qilin-med-vl/Qilin-Med-VL-Demo",
+}
+REQUIRED_METADATA = ("license", "language", "pipeline_tag", "library_name", "tags", "base_model")
+REQUIRED_LANGUAGES = {"zh", "en"}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# Files of a model folder that are not part of the published model.
+SKIPPED_MODEL_FILES = {"README.md", "conversion_report.json", ".gitattributes"}
+
+
+def model_cards_folder() -> Path:
+    """`model_cards/` of a source checkout (the cards are documentation, not package data)."""
+    return Path(__file__).resolve().parent.parent / "model_cards"
+
+
+def model_card_path(card: str | os.PathLike) -> Path:
+    """A card name from `CARD_REPO_IDS` (`model_cards/<name>.md`) or a path to a markdown file."""
+    if str(card) in CARD_REPO_IDS:
+        path = model_cards_folder() / f"{card}.md"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass the card as a path to a markdown file")
+        return path
+    path = Path(card)
+    if not path.is_file():
+        raise FileNotFoundError(f"No model card {card!r}: a name in {sorted(CARD_REPO_IDS)} or a markdown file")
+    return path
+
+
+def check_card_metadata(data: dict) -> list[str]:
+    """Problems with a card's YAML metadata (empty when it is complete)."""
+    problems = [f"metadata lacks {key!r}" for key in REQUIRED_METADATA if not data.get(key)]
+    languages = data.get("language") or []
+    languages = {languages} if isinstance(languages, str) else set(languages)
+    if not REQUIRED_LANGUAGES <= languages:
+        problems.append(f"language should include {sorted(REQUIRED_LANGUAGES)}, got {sorted(languages)}")
+    if data.get("pipeline_tag") not in (None, "image-text-to-text"):
+        problems.append(f"pipeline_tag should be image-text-to-text, got {data['pipeline_tag']!r}")
+    if data.get("library_name") not in (None, "transformers"):
+        problems.append(f"library_name should be transformers, got {data['library_name']!r}")
+    return problems
+
+
+def render_model_card(card: str | os.PathLike, repo_id: str | None = None, base_model: str | None = None) -> str:
+    """The card's markdown with `repo_id` in place of the card's own placeholder id and, if given, `base_model`
+    in its metadata. Raises `ValueError` when the metadata is incomplete."""
+    from huggingface_hub import ModelCard
+
+    path = model_card_path(card)
+    text = path.read_text(encoding="utf-8")
+    own_id = CARD_REPO_IDS.get(path.stem)
+    if repo_id and own_id:
+        text = re.sub(rf"{re.escape(own_id)}(?![\w.-])", repo_id, text)
+    model_card = ModelCard(text)
+    if base_model:
+        model_card.data.base_model = base_model
+    problems = check_card_metadata(model_card.data.to_dict())
+    if problems:
+        raise ValueError(f"Model card {path}: " + "; ".join(problems))
+    return str(model_card)
+
+
+def check_repo_folder(folder: str | os.PathLike) -> list[str]:
+    """Problems that would stop the folder from loading from the Hub (empty when it is complete): weights and
+    every shard of the index, config with `auto_map` and the remote-code files it names, processor and tokenizer
+    files, the chat template, the adapter in `hia/`, the card's metadata."""
+    folder = Path(folder)
+    problems = []
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return ["config.json is missing"]
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "qilin_med_vl":
+        problems.append(f"config.json describes a {config.get('model_type')!r} model, not qilin_med_vl")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        missing = sorted({name for name in json.loads(index.read_text())["weight_map"].values()
+                          if not (folder / name).is_file()})
+        problems += [f"weight shard {name} is missing" for name in missing]
+    elif not find_weight_files(folder):
+        problems.append("no model weights (model.safetensors)")
+    auto_maps = [config.get("auto_map", {})]
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            auto_maps.append(json.loads((folder / name).read_text()).get("auto_map", {}))
+    if "AutoModelForImageTextToText" not in auto_maps[0]:
+        problems.append("config.json has no auto_map for AutoModelForImageTextToText (remote code)")
+    for auto_map in auto_maps:
+        for reference in auto_map.values():
+            for entry in reference if isinstance(reference, (list, tuple)) else [reference]:
+                if entry and not (folder / f"{entry.split('.')[0]}.py").is_file():
+                    problems.append(f"remote-code file {entry.split('.')[0]}.py is missing")
+    if not any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        problems.append("no processor (processor_config.json)")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        problems.append("no tokenizer (tokenizer.json or tokenizer.model)")
+    if not (folder / "chat_template.jinja").is_file() and "chat_template" not in _json(folder / "processor_config.json"):
+        problems.append("no chat template")
+    adapter = folder / ADAPTER_SUBFOLDER
+    if adapter.exists():
+        adapter_config = _json(adapter / "adapter_config.json")
+        if adapter_config.get("peft_type") != "HIA":
+            problems.append(f"{ADAPTER_SUBFOLDER}/adapter_config.json is missing or not a HiA adapter")
+        if not any((adapter / name).is_file() for name in ADAPTER_FILES[1:]):
+            problems.append(f"{ADAPTER_SUBFOLDER}/ has no adapter weights")
+    readme = folder / "README.md"
+    if not readme.is_file():
+        problems.append("README.md (model card) is missing")
+    else:
+        from huggingface_hub import ModelCard
+
+        problems += [f"README.md {problem}" for problem in check_card_metadata(ModelCard(readme.read_text()).data.to_dict())]
+    return sorted(set(problems))
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def assemble_repo(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    card: str | os.PathLike | None = None,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Builds the folder to upload: the model folder's files, the HiA adapter as `hia/`, and `README.md`.
+
+    Args:
+        model: a saved Qilin-Med-VL folder (`save_pretrained` of model and processor, or a converter's output).
+        output: the folder to create (an existing one needs `force=True`).
+        adapter: a saved HiA adapter folder; default: the model folder's own `hia/`, if any.
+        card: a card name (`qilin-med-vl`, `qilin-med-vl-hia`, `qilin-med-vl-demo`) or a markdown path; default
+            `qilin-med-vl-hia` with an adapter, else `qilin-med-vl`.
+        repo_id: the repo the card should name in its examples.
+        base_model: overrides the card's `base_model` metadata.
+
+    Raises `ValueError` listing every problem when the assembled folder would not load from the Hub.
+    """
+    model = Path(model)
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"{model} is not a saved model folder (no config.json)")
+    adapter = Path(adapter) if adapter is not None else model / ADAPTER_SUBFOLDER
+    has_adapter = adapter.is_dir()
+    if not has_adapter and adapter != model / ADAPTER_SUBFOLDER:
+        raise FileNotFoundError(f"Adapter folder {adapter} not found")
+    card = card or ("qilin-med-vl-hia" if has_adapter else "qilin-med-vl")
+    readme = render_model_card(card, repo_id, base_model)
+    with staged_output(output, force) as staging:
+        for path in sorted(model.iterdir()):
+            if path.is_file() and path.name not in SKIPPED_MODEL_FILES and not path.name.startswith("."):
+                shutil.copy2(path, staging / path.name)
+        if has_adapter:
+            (staging / ADAPTER_SUBFOLDER).mkdir()
+            for name in ADAPTER_FILES:
+                if (adapter / name).is_file():
+                    shutil.copy2(adapter / name, staging / ADAPTER_SUBFOLDER / name)
+        (staging / "README.md").write_text(readme, encoding="utf-8")
+        problems = check_repo_folder(staging)
+        if problems:
+            raise ValueError(f"The assembled repo would not load: {'; '.join(problems)}")
+    return Path(output)
+
+
+def list_upload(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """`(path in the repo, bytes)` of every file `upload_folder` would send, sorted."""
+    folder = Path(folder)
+    return sorted(
+        (path.relative_to(folder).as_posix(), path.stat().st_size) for path in folder.rglob("*") if path.is_file()
+    )
+
+
+@dataclass
+class PushResult:
+    """What was (or, for a dry run, would be) sent: `files` as `(path, bytes)`; `commit_url` after an upload."""
+
+    repo_id: str
+    revision: str | None
+    private: bool
+    dry_run: bool
+    files: list[tuple[str, int]] = field(default_factory=list)
+    commit_url: str | None = None
+
+    def summary(self) -> str:
+        total = sum(size for _, size in self.files)
+        where = f"{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+        verb = "would upload" if self.dry_run else "uploaded"
+        lines = [f"{verb} {len(self.files)} files ({total / 2**20:.1f} MiB) to {where}"
+                 f"{' (private)' if self.private else ''}"]
+        lines += [f"  {path}  {size:,} B" for path, size in self.files]
+        if self.commit_url:
+            lines.append(f"  commit: {self.commit_url}")
+        return "\n".join(lines)
+
+
+def push_to_hub(
+    model: str | os.PathLike,
+    repo_id: str,
+    *,
+    adapter: str | os.PathLike | None = None,
+    card: str | os.PathLike | None = None,
+    base_model: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    assembled: str | os.PathLike | None = None,
+) -> PushResult:
+    """Assembles the repo folder (see `assemble_repo`) and uploads it with `huggingface_hub`.
+
+    Args:
+        repo_id: the target repo, created if it does not exist.
+        private: create the repo private.
+        revision: a branch to push to (created if needed); default the main branch.
+        dry_run: only assemble and list what would be sent; nothing touches the network.
+        token: a Hub token; default the logged-in one.
+        assembled: keep the assembled folder here (default: a temporary folder, removed afterwards).
+    """
+    with tempfile.TemporaryDirectory(prefix="qilin-push-") as temporary:
+        folder = Path(assembled) if assembled else Path(temporary) / "repo"
+        assemble_repo(model, folder, adapter=adapter, card=card, repo_id=repo_id, base_model=base_model,
+                      force=bool(assembled))
+        result = PushResult(repo_id, revision, private, dry_run, list_upload(folder))
+        if dry_run:
+            return result
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message or "Upload Qilin-Med-VL with qilin-med-vl push",
+        )
+        result.commit_url = getattr(commit, "commit_url", None) or str(commit)
+        return result
+
+
+def _run(args) -> int:
+    result = push_to_hub(
+        args.model,
+        args.repo_id,
+        adapter=args.adapter,
+        card=args.card,
+        base_model=args.base_model,
+        private=args.private,
+        revision=args.revision,
+        dry_run=args.dry_run,
+        token=args.token,
+        commit_message=args.commit_message,
+        assembled=args.assembled,
+    )
+    print(result.summary())
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Adds `push` to the `qilin-med-vl` command line."""
+    parser = subparsers.add_parser(
+        "push",
+        help="assemble a Hub repo (model, remote code, processor, hia/ adapter, model card) and upload it",
+    )
+    parser.add_argument("model", help="saved Qilin-Med-VL folder (e.g. the output of `convert`)")
+    parser.add_argument("repo_id", help="target repo, e.g. my-org/Qilin-Med-VL-HiA")
+    parser.add_argument("--adapter", help="saved HiA adapter folder, published as hia/ (default: MODEL/hia if present)")
+    parser.add_argument("--card", help=f"model card: {', '.join(CARD_REPO_IDS)} or a markdown file "
+                                       "(default: qilin-med-vl-hia with an adapter, else qilin-med-vl)")
+    parser.add_argument("--base-model", help="override the card's base_model metadata")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", help="branch to push to (created if needed)")
+    parser.add_argument("--dry-run", action="store_true", help="assemble and list what would be sent; upload nothing")
+    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
+    parser.add_argument("--commit-message", help="commit message")
+    parser.add_argument("--assembled", help="keep the assembled repo folder here (replaced if it exists)")
+    parser.set_defaults(handler=_run)
+
+
+__all__ = [
+    "CARD_REPO_IDS",
+    "PushResult",
+    "assemble_repo",
+    "check_repo_folder",
+    "list_upload",
+    "push_to_hub",
+    "render_model_card",
+]
