@@ -764,7 +764,8 @@ def run_llava_comparison(repeats: int = 15, warmup: int = 2, new_tokens: int = 3
 #      states).
 # FLOPs are the sum over stages (FlopCounterMode). Peak activation bytes are composed as
 #   max(stage 1 peak, stage 2 peak + bytes held across it (merged embeddings, image features) + stage 3 peak),
-# an upper bound: HiA's transient really happens inside the language model, before the KV cache is complete.
+# and, with HiA, the larger of that (+ the grid features HiA keeps) and the state at the last HiA layer (KV cache of
+# layers 0..l, hidden states in and out, bytes held, HiA's own peak). Inputs (pixels) are counted separately.
 # `validate_stage_composition` checks this against a real full forward on a small CPU model.
 
 
@@ -793,6 +794,9 @@ def build_meta_model(config, hia=None, dtype=torch.bfloat16):
         from peft import get_peft_model
 
         model = get_peft_model(model, copy.deepcopy(hia)).eval()
+        # HiA blocks are created in float32 whatever the base dtype (see benchmarks/RESULTS.md, "findings"): cast
+        # them to the model's dtype, as the paper ran its adapter.
+        model = model.to(dtype)
     return model
 
 
@@ -806,6 +810,12 @@ def _hia_blocks(model) -> list:
                 if name in module.hia:
                     blocks.append(module.hia[name])
     return blocks
+
+
+def _hia_layer_indices(model) -> list[int]:
+    from .modeling.modeling_hia import HiALayer
+
+    return [module.layer_index for module in model.modules() if isinstance(module, HiALayer)]
 
 
 def measure_prefill_stages(model, num_images: int, text_tokens: int = 64, vision_size: int | None = None,
@@ -869,7 +879,7 @@ def measure_prefill_stages(model, num_images: int, text_tokens: int = 64, vision
             image_tokens = num_images * config.image_seq_length
             flops, memory = counters()
             with flops, memory:
-                grid_features = blocks[0].encoder(high_pixels)
+                grid_features = blocks[0].encoder(high_pixels.to(blocks[0].queries.dtype))
                 hidden_states = merged
                 for block in blocks:
                     index = torch.empty(2, image_tokens, device=device, dtype=torch.long)  # nonzero()
@@ -884,18 +894,29 @@ def measure_prefill_stages(model, num_images: int, text_tokens: int = 64, vision
                       "blocks": len(blocks), "grid_positions": grid_features.shape[1], "high_res_size": high}
             del grid_features
         result["stage3_hia"] = stage3
-    input_bytes = (pixels.nbytes if pixels is not None else 0) + (
-        blocks and num_images * 3 * stage3["high_res_size"] ** 2 * parameter.element_size() or 0)
+    element = parameter.element_size()
+    input_bytes = (pixels.nbytes if pixels is not None else 0)
+    if blocks:
+        input_bytes += num_images * 3 * stage3["high_res_size"] ** 2 * element
+    language_model = result["stage2_language_model"]
+    lm_peak = language_model["peak_bytes"] + held
+    if blocks:
+        # HiA acts after decoder layer l: the KV cache then holds layers 0..l; the hidden states (input and output of
+        # the layer) are live; the grid features stay live until the end of the forward.
+        layers = config.text_config.num_hidden_layers
+        last = max(block_layer for block_layer in _hia_layer_indices(model))
+        kv_then = language_model["kv_cache_bytes"] * (last + 1) // layers
+        at_hia = held + kv_then + 2 * tokens * hidden * element + stage3["peak_bytes"]
+        grid_bytes = num_images * stage3["grid_positions"] * blocks[0].queries.shape[-1] * element
+        lm_peak = max(lm_peak + grid_bytes, at_hia)
     result["held_across_language_model_bytes"] = held
-    result["activation_peak_bytes"] = input_bytes + max(
-        result["stage1_vision"]["peak_bytes"],
-        result["stage2_language_model"]["peak_bytes"] + held + stage3["peak_bytes"],
-    )
+    result["input_bytes"] = input_bytes
+    result["activation_peak_bytes"] = max(result["stage1_vision"]["peak_bytes"], lm_peak)
     if count_flops:
         result["flops"] = (result["stage1_vision"]["flops"] + result["stage2_language_model"]["flops"]
                            + stage3["flops"])
     result["parameter_bytes"] = parameter_bytes(model)
-    result["total_bytes"] = result["parameter_bytes"] + result["activation_peak_bytes"]
+    result["total_bytes"] = result["parameter_bytes"] + input_bytes + result["activation_peak_bytes"]
     return result
 
 
@@ -932,3 +953,251 @@ def validate_stage_composition(num_images: int = 2, high_res_size: int = 224, te
             f"{out[label]['real_forward_flops'] / 1e9:.3f} G, staged {staged['flops'] / 1e9:.3f} G, analytic "
             f"{analytic / 1e9:.3f} G")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Suite 3: the paper's Table 3 at the real 13B configuration, without weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_table3(sizes=(448, 560, 672, 784, 896), num_images: int = 2, text_tokens: int = 64, log=print) -> dict:
+    """Baseline (ViT fed S px, interpolated position embeddings, (S/14)^2 tokens per image) against HiA at S px, at
+    the 13B configuration (`QilinMedVLConfig()`, `HiAConfig()`), batch 1, bf16, on the meta device."""
+    from .modeling.configuration_qilin_med_vl import QilinMedVLConfig
+
+    started = time.perf_counter()
+    config = QilinMedVLConfig()
+    hia = hia_config_for(672)
+    fused = register_fused_attention_stub()
+    base = build_meta_model(config)
+    adapted = build_meta_model(config, hia)
+    hia_resolved = adapted.peft_config["default"]
+    log(f"[table3] 13B on meta: {sum(p.numel() for p in base.parameters()) / 1e9:.3f} B parameters; with HiA "
+        f"{sum(p.numel() for p in adapted.parameters()) / 1e9:.3f} B (layers {hia_resolved.layers})")
+
+    def measure(model, **kwargs):
+        counted = measure_prefill_stages(model, num_images, text_tokens, attention="sdpa", **kwargs)
+        memory_fused = measure_prefill_stages(model, num_images, text_tokens, attention=fused, count_flops=False,
+                                              **kwargs)
+        memory_eager = measure_prefill_stages(model, num_images, text_tokens, attention="eager", count_flops=False,
+                                              **kwargs)
+        return {
+            "tokens": counted["tokens"],
+            "flops_meta_counter": counted["flops"],
+            "stage_flops": {k: counted[k]["flops"] for k in ("stage1_vision", "stage2_language_model", "stage3_hia")},
+            "parameter_bytes": counted["parameter_bytes"],
+            "kv_cache_bytes": counted["stage2_language_model"]["kv_cache_bytes"],
+            "input_bytes": memory_fused["input_bytes"],
+            "activation_peak_bytes_fused_attention": memory_fused["activation_peak_bytes"],
+            "activation_peak_bytes_eager_attention": memory_eager["activation_peak_bytes"],
+            "total_bytes_fused_attention": memory_fused["total_bytes"],
+            "total_bytes_eager_attention": memory_eager["total_bytes"],
+        }
+
+    rows = {}
+    reference = measure(base)
+    reference["flops_analytic"] = prefill_flops(config, num_images, text_tokens)["total"]
+    for size in sizes:
+        baseline = measure(base, vision_size=size)
+        baseline["flops_analytic"] = prefill_flops(config, num_images, text_tokens, vision_size=size)["total"]
+        ours = measure(adapted, high_res_size=size)
+        ours["flops_analytic"] = prefill_flops(config, num_images, text_tokens, hia=hia_resolved,
+                                               high_res_size=size)["total"]
+        rows[size] = {"baseline": baseline, "hia": ours, "paper": PAPER_TABLE3.get(size)}
+        log(f"[table3] {size}px: FLOPs baseline {baseline['flops_meta_counter'] / 1e12:.1f} T / HiA "
+            f"{ours['flops_meta_counter'] / 1e12:.2f} T; memory (fused attention) "
+            f"{baseline['total_bytes_fused_attention'] / 2**30:.1f} / {ours['total_bytes_fused_attention'] / 2**30:.1f} GiB, "
+            f"(eager) {baseline['total_bytes_eager_attention'] / 2**30:.1f} / "
+            f"{ours['total_bytes_eager_attention'] / 2**30:.1f} GiB")
+    mismatch = max(
+        abs(entry[kind]["flops_meta_counter"] / entry[kind]["flops_analytic"] - 1)
+        for entry in rows.values() for kind in ("baseline", "hia")
+    )
+    return {
+        "config": "QilinMedVLConfig() (CLIP ViT-L/14-336 + 40-layer 5120-wide Llama, vocab 32064) + HiAConfig() "
+                  f"(layers {hia_resolved.layers}, M={hia_resolved.num_queries}, width 5120, ResNet-50), bf16, batch 1",
+        "num_images": num_images,
+        "text_tokens": text_tokens,
+        "method": (
+            "Meta device, no weights. FLOPs: FlopCounterMode over a stage-by-stage replay of the prefill "
+            "(`measure_prefill_stages`; the model's own forward reads data and cannot run on meta) and, "
+            "independently, exact arithmetic (`prefill_flops`); largest relative difference "
+            f"{mismatch:.2e}. Memory: parameters (bf16) + inputs + peak live activation bytes tracked through the "
+            "dispatcher during the replay (KV cache included), with a fused attention kernel (flash / memory-"
+            "efficient sdpa: no score matrix) and with transformers' eager attention (bf16 scores + fp32 softmax, "
+            "as the original LLaVA code under transformers 4.31 did). The baseline uses CLIP's "
+            "interpolate_pos_encoding at S px; logits of the last position only, as in generate."
+        ),
+        "reference_base_336": reference,
+        "rows": {str(k): v for k, v in rows.items()},
+        "flops_counter_vs_arithmetic_max_relative_difference": mismatch,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Suite 2: HiA's cost (with / without HiA, and the paper's baseline of feeding the ViT a higher resolution)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def hia_grid_13b(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), text_tokens: int = 64) -> dict:
+    """Exact prefill FLOPs at the 13B configuration for every (high-res size, image count): base model (336 px),
+    base + HiA at S px, and the baseline with the ViT at S px. Decode FLOPs per token: HiA adds none."""
+    from .modeling.configuration_qilin_med_vl import QilinMedVLConfig
+
+    config = QilinMedVLConfig()
+    hia = hia_config_for(672)
+    layers = config.text_config.num_hidden_layers
+    hia.layers = sorted({layers // 3, 2 * layers // 3})
+    cells = []
+    for size in sizes:
+        for count in image_counts:
+            base = prefill_flops(config, count, text_tokens)
+            adapted = prefill_flops(config, count, text_tokens, hia=hia, high_res_size=size)
+            baseline = prefill_flops(config, count, text_tokens, vision_size=size)
+            cells.append({
+                "high_res_size": size,
+                "num_images": count,
+                "base_tflops": base["total"] / 1e12,
+                "hia_tflops": adapted["total"] / 1e12,
+                "hia_encoder_tflops": adapted["hia_encoder"] / 1e12,
+                "hia_blocks_tflops": adapted["hia_blocks"] / 1e12,
+                "baseline_tflops": baseline["total"] / 1e12,
+                "hia_over_base": adapted["total"] / base["total"],
+                "baseline_over_base": baseline["total"] / base["total"],
+                "base_tokens": base["tokens"],
+                "baseline_tokens": baseline["tokens"],
+                "decode_gflops_per_token_base_and_hia": decode_flops(config, base["tokens"]) / 1e9,
+                "decode_gflops_per_token_baseline": decode_flops(config, baseline["tokens"]) / 1e9,
+                "kv_cache_gib_base_and_hia": kv_cache_bytes(config.text_config, base["tokens"]) / 2**30,
+                "kv_cache_gib_baseline": kv_cache_bytes(config.text_config, baseline["tokens"]) / 2**30,
+            })
+    target = next(c for c in cells if c["high_res_size"] == 672 and c["num_images"] == 2)
+    return {
+        "config": "QilinMedVLConfig() + HiAConfig() (layers 13, 26; M=256; width 5120; ResNet-50), batch 1",
+        "text_tokens": text_tokens,
+        "cells": cells,
+        "target_672px_2_images": {"hia_over_base": target["hia_over_base"], "target": 1.10,
+                                  "met": target["hia_over_base"] <= 1.10},
+    }
+
+
+def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int = 2, decode_repeats: int = 5,
+                 new_tokens: int = 32, decode_images=(1, 2, 4), decode_size: int = 672, max_baseline_tokens: int = 2400,
+                 text_tokens: int = 48, encoder_width: int = 64, log=print) -> dict:
+    """CPU measurements on the small bench configuration (224 px low-res view, 256 tokens per image) with HiA's
+    defaults (M=256, 8 heads, width = hidden, ResNet-50 trunk unless `encoder_width` says otherwise), plus the exact
+    13B grid. Baseline cells whose language-model input exceeds `max_baseline_tokens` are counted, not timed."""
+    from peft import get_peft_model
+
+    from .modeling.modeling_hia import HiABlock
+
+    started = time.perf_counter()
+    config = bench_config()
+    base = build_model(config)
+    measured, memory, hia_for_decode = [], [], None
+    for size in sizes:
+        hia_config = hia_config_for(size, encoder_width=encoder_width)
+        adapted = get_peft_model(copy.deepcopy(base), hia_config).eval()
+        baseline_config = with_vision_size(config, size)
+        needs_baseline = any(text_tokens + n * baseline_config.image_seq_length <= max_baseline_tokens
+                             for n in image_counts)
+        baseline = build_model(baseline_config, seed=1) if needs_baseline else None
+        # Warm-up at this size (oneDNN primitives for new shapes).
+        for model, inputs in ((adapted, make_inputs(config, 1, text_tokens, size)),
+                              (baseline, make_inputs(baseline_config, 1, text_tokens))):
+            if model is not None:
+                _no_grad_call(model, inputs)
+        for count in image_counts:
+            models = {"base": base, "hia": adapted}
+            inputs = {"base": make_inputs(config, count, text_tokens),
+                      "hia": make_inputs(config, count, text_tokens, size)}
+            baseline_tokens = text_tokens + count * baseline_config.image_seq_length
+            if baseline is not None and baseline_tokens <= max_baseline_tokens:
+                models["baseline"] = baseline
+                inputs["baseline"] = make_inputs(baseline_config, count, text_tokens)
+            times = time_models(models, inputs, repeats, warmup=0)
+            cell = {
+                "high_res_size": size,
+                "num_images": count,
+                "prefill_ms": {name: statistics.median(times[name]["prefill"]) * 1e3 for name in models},
+                "hia_over_base": paired_ratio(times["hia"]["prefill"], times["base"]["prefill"])["median"],
+                "gflops": {
+                    "base": prefill_flops(config, count, text_tokens)["total"] / 1e9,
+                    "hia": prefill_flops(config, count, text_tokens, hia=adapted.peft_config["default"],
+                                         high_res_size=size)["total"] / 1e9,
+                    "baseline": prefill_flops(config, count, text_tokens, vision_size=size)["total"] / 1e9,
+                },
+                "baseline_tokens": baseline_tokens,
+                "rounds": times["_rounds"],
+            }
+            if "baseline" in models:
+                cell["baseline_over_base"] = paired_ratio(times["baseline"]["prefill"], times["base"]["prefill"])["median"]
+            measured.append(cell)
+            log(f"[hia] {size}px x{count}: prefill base {cell['prefill_ms']['base']:.0f} ms, HiA "
+                f"{cell['prefill_ms']['hia']:.0f} ms" + (f", baseline {cell['prefill_ms']['baseline']:.0f} ms"
+                                                         if "baseline" in models else ", baseline not timed"))
+            if count == 2:
+                row = {"high_res_size": size, "num_images": 2}
+                for name, model in models.items():
+                    row[f"{name}_peak_tensor_bytes"] = _peak_live_bytes(
+                        lambda m=model, i=inputs[name]: m(**i, use_cache=True, logits_to_keep=1))
+                memory.append(row)
+        if size == decode_size:
+            hia_for_decode = adapted
+        else:
+            del adapted
+        del baseline
+        gc.collect()
+
+    decode = []
+    if hia_for_decode is not None:
+        encoder = next(m.encoder for m in hia_for_decode.modules() if isinstance(m, HiABlock) and m.encoder is not None)
+        calls = []
+        handle = encoder.register_forward_hook(lambda *args: calls.append(1))
+        with torch.inference_mode():
+            hia_for_decode.generate(**make_inputs(config, 2, text_tokens, decode_size), max_new_tokens=4,
+                                    min_new_tokens=4, do_sample=False, pad_token_id=0)
+        handle.remove()
+        for count in decode_images:
+            models = {"base": base, "hia": hia_for_decode}
+            inputs = {"base": make_inputs(config, count, text_tokens),
+                      "hia": make_inputs(config, count, text_tokens, decode_size)}
+            times = time_models(models, inputs, decode_repeats, warmup=1, new_tokens=new_tokens, prefill=False)
+            ratio = paired_ratio(times["hia"]["decode_step"], times["base"]["decode_step"])
+            decode.append({
+                "high_res_size": decode_size,
+                "num_images": count,
+                "decode_step_ms": {name: statistics.median(times[name]["decode_step"]) * 1e3 for name in models},
+                "tokens_per_s": {name: 1 / statistics.median(times[name]["decode_step"]) for name in models},
+                "hia_over_base_step_time": ratio,
+                "rounds": times["_rounds"],
+            })
+            log(f"[hia] decode x{count}: base {decode[-1]['decode_step_ms']['base']:.2f} ms/token, HiA "
+                f"{decode[-1]['decode_step_ms']['hia']:.2f} ms/token, ratio {ratio['median']:.3f} "
+                f"(p25 {ratio['p25']:.3f}, p75 {ratio['p75']:.3f})")
+        decode_encoder_calls = len(calls)
+    else:
+        decode_encoder_calls = None
+    grid = hia_grid_13b(sizes, image_counts)
+    return {
+        "cpu_config": {
+            "model": f"bench_config(): hidden {config.text_config.hidden_size}, {config.text_config.num_hidden_layers} "
+                     f"layers, CLIP {config.vision_config.num_hidden_layers}x{config.vision_config.hidden_size} at "
+                     f"{config.vision_config.image_size}px ({config.image_seq_length} tokens/image), fp32",
+            "hia": f"M=256, 8 heads, width {config.text_config.hidden_size}, layers L/3 and 2L/3, encoder "
+                   f"[3,4,6,3] width {encoder_width}" + (" (ResNet-50)" if encoder_width == 64 else ""),
+            "baseline": "the same model with CLIP fed S px ((S/14)^2 tokens per image), random weights",
+            "text_tokens": text_tokens,
+            "max_baseline_tokens": max_baseline_tokens,
+            "threads": torch.get_num_threads(),
+        },
+        "prefill": measured,
+        "peak_memory_2_images": memory,
+        "decode": decode,
+        "encoder_calls_per_generate": decode_encoder_calls,
+        "decode_target": {"target": 1.01, "worst_median": max((d["hia_over_base_step_time"]["median"] for d in decode),
+                                                               default=None)},
+        "grid_13b": grid,
+        "seconds": time.perf_counter() - started,
+    }

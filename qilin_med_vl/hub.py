@@ -115,6 +115,11 @@ def check_repo_folder(folder: str | os.PathLike) -> list[str]:
             for entry in reference if isinstance(reference, (list, tuple)) else [reference]:
                 if entry and not (folder / f"{entry.split('.')[0]}.py").is_file():
                     problems.append(f"remote-code file {entry.split('.')[0]}.py is missing")
+    for module in folder.glob("*.py"):
+        # Remote code reaches its siblings with single-dot imports; each must travel too.
+        for sibling in re.findall(r"^\s*from \.(\w+) import", module.read_text(), re.MULTILINE):
+            if not (folder / f"{sibling}.py").is_file():
+                problems.append(f"remote-code file {sibling}.py (imported by {module.name}) is missing")
     if not any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
         problems.append("no processor (processor_config.json)")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):

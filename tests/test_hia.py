@@ -368,3 +368,31 @@ def test_hia_loads_in_a_fresh_process_with_remote_code_only(folder_with_hia, pro
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FRESH-HIA-OK" in result.stdout
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_hia_trains_on_a_quantized_base(tmp_path, processor, images, quantization):
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    from qilin_med_vl import QilinMedVLForConditionalGeneration
+
+    tiny_model().save_pretrained(tmp_path)
+    config = (BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit"
+              else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    base = QilinMedVLForConditionalGeneration.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
+    assert any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in base.modules())
+    model = get_peft_model(base, hia_config())
+    adapter_parameters = [p for p in model.parameters() if p.requires_grad]
+    assert adapter_parameters and all(p.dtype == torch.float32 for p in adapter_parameters)
+    batch = processor(images=images[:2], text=COMPARE + " 好转</s>", return_tensors="pt")
+    model.train()
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in adapter_parameters]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    model.eval()
+    generated = model.generate(**processor(images=images[:2], text=COMPARE, return_tensors="pt"), max_new_tokens=3,
+                               do_sample=False, pad_token_id=0)
+    assert generated.shape[1] > 3

@@ -22,7 +22,7 @@ from qilin_med_vl.synthetic import (
 from qilin_med_vl.synthetic import findings as clinical
 from qilin_med_vl.synthetic.dataset import write_shipped_examples
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "qilin_med_vl" / "demo_model" / "examples"
 COUNTS = {"train": 24, "validation": 8, "test": 8}
 
 
@@ -63,9 +63,9 @@ def test_splits_share_no_patient(dataset):
 
 
 def test_records_follow_the_training_format(dataset):
-    for split in COUNTS:
+    for split, count in COUNTS.items():
         records = _records(dataset, split)
-        assert len(records) == COUNTS[split]
+        assert len(records) == count
         assert len({r["id"] for r in records}) == len(records)
         for record in records:
             assert record["task"] in TASKS
@@ -103,11 +103,18 @@ def test_tasks_and_labels_are_balanced_in_every_split():
             labels = Counter(p.label for p in plans if p.task == task)
             expected = CHANGES if task == "comparative" else DISEASES
             assert max(labels[label] for label in expected) - min(labels[label] for label in expected) <= 1
+        for task in TASKS:
+            sides = Counter(p.leg for p in plans if p.task == task)
+            assert abs(sides[0] - sides[1]) <= 1
     comparative = [p for p in plan_split("train", 400, seed=0) if p.task == "comparative"]
     combos = Counter((p.label, p.kind) for p in comparative)
-    assert len(combos) == len(CHANGES) * len(clinical.COMPARATIVE_KINDS) and max(combos.values()) - min(combos.values()) <= 1
-    sides = Counter(p.leg for p in comparative)
-    assert abs(sides[0] - sides[1]) <= 1
+    assert (
+        len(combos) == len(CHANGES) * len(clinical.COMPARATIVE_KINDS)
+        and max(combos.values()) - min(combos.values()) <= 1
+    )
+    # every finding kind is placed on both sides and both bones
+    placements = Counter((p.kind, p.leg, p.bone) for p in comparative)
+    assert len(placements) == len(clinical.COMPARATIVE_KINDS) * 4
 
 
 def test_images_are_8bit_grayscale_png_of_the_requested_size(dataset):
@@ -123,12 +130,14 @@ def test_images_are_8bit_grayscale_png_of_the_requested_size(dataset):
 
 
 def test_small_lesions_lose_most_contrast_at_336_but_keep_it_at_672():
-    rows = lesion_visibility_report(diameters=(8, 24), lesions_per_diameter=3, resamples=("bicubic",), seed=1)
+    # bicubic, as the image processor resizes
+    rows = lesion_visibility_report(diameters=(8, 24), lesions_per_diameter=3, resamples=("bicubic",), seed=0)
     at = {(r["diameter"], r["resolution"]): r for r in rows}
     small_336, small_672 = at[(8.0, 336)], at[(8.0, 672)]
-    assert small_336["retained"] < 0.5
-    assert small_672["retained"] > 0.6 and small_672["retained"] > 1.8 * small_336["retained"]
-    assert small_336["cnr"] < 2.0 < small_672["cnr"]
+    assert small_336["retained"] < 0.4  # most of the darkening is gone at 336 px ...
+    assert small_672["retained"] > 1.6 * small_336["retained"]  # ... far more of it is left at 672 px
+    assert small_336["cnr"] < 2.0  # below the bone texture's own fluctuations
+    assert small_672["cnr"] > 1.5 * small_336["cnr"]
     # The control: a large flake stays visible at the low resolution.
     assert at[(24.0, 336)]["retained"] > 0.7 and at[(24.0, 336)]["cnr"] > 2.5
 
@@ -140,7 +149,9 @@ def _texture_match(a, b, reach=3):
     best = -1.0
     for dy in range(-reach, reach + 1):
         for dx in range(-reach, reach + 1):
-            shifted = np.diff(b, axis=1)[reach + dy : b.shape[0] - reach + dy, reach + dx : b.shape[1] - 1 - reach + dx]
+            shifted = np.diff(b, axis=1)[
+                reach + dy : b.shape[0] - reach + dy, reach + dx : b.shape[1] - 1 - reach + dx
+            ]
             best = max(best, float(np.corrcoef(reference, shifted.ravel())[0, 1]))
     return best
 
@@ -192,15 +203,38 @@ def test_cli_subcommand_writes_a_dataset(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
-        ["synth-data", "--output", str(tmp_path), "--seed", "1", "--train", "4", "--validation", "4", "--test", "4",
-         "--image-size", "64", "--workers", "1"]
+        [
+            "synth-data",
+            "--output",
+            str(tmp_path),
+            "--seed",
+            "1",
+            "--train",
+            "4",
+            "--validation",
+            "4",
+            "--test",
+            "4",
+            "--image-size",
+            "64",
+            "--workers",
+            "1",
+        ]
     )
     assert args.handler(args) == 0
-    assert {p.name for p in tmp_path.iterdir()} == {"train.jsonl", "validation.jsonl", "test.jsonl", "manifest.json", "images"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "train.jsonl",
+        "validation.jsonl",
+        "test.jsonl",
+        "manifest.json",
+        "images",
+    }
 
 
 def test_shipped_examples_are_what_the_generator_draws(tmp_path):
-    records = [json.loads(line) for line in (EXAMPLES / "synthetic_examples.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [
+        json.loads(line) for line in (EXAMPLES / "examples.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert sorted(r["task"] for r in records) == sorted(TASKS)
     regenerated = write_shipped_examples(str(tmp_path))
     assert regenerated == records

@@ -47,12 +47,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/synthetic")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=4000)
+    parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--validation", type=int, default=200)
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--align-steps", type=int, default=300)
-    parser.add_argument("--instruct-steps", type=int, default=1200)
-    parser.add_argument("--hia-steps", type=int, default=600)
+    parser.add_argument("--instruct-steps", type=int, default=800)
+    parser.add_argument("--hia-steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-data", action="store_true", help="reuse an existing data folder")
@@ -90,22 +90,19 @@ def main():
                                    args.instruct_steps, "--learning-rate", "5e-4", "--train-vision"] + common,
                             logs / "instruct.log")
     hia_common = ["--num-queries", 32, "--num-heads", 4, "--adapter-width", 128, "--encoder-depths", 1, 1, 1, 1,
-                  "--encoder-width", 16, "--learning-rate", "1e-3"]
-    for name, flags in VARIANTS.items():
-        slug = name.replace("+", "").replace(" ", "_").replace("/", "")
-        times[name] = run(cli + ["train", "--stage", "hia", "--model", out / "base", "--data", data / "train.jsonl",
-                                 "--output-dir", out / slug, "--max-steps", args.hia_steps, "--high-res-size", 448]
-                          + hia_common + flags + common, logs / f"{slug}.log")
-
+                  "--encoder-width", 16, "--learning-rate", "1e-3", "--high-res-size", 448]
     results = {}
-    for name, adapter in [("base", None)] + [(n, out / n.replace("+", "").replace(" ", "_").replace("/", ""))
-                                             for n in VARIANTS]:
-        slug = "base" if adapter is None else adapter.name
+    for name, flags in [("base", None), *VARIANTS.items()]:
+        slug = name.replace("+", "").replace(" ", "_").replace("/", "")
+        if flags is not None:
+            times[name] = run(cli + ["train", "--stage", "hia", "--model", out / "base", "--data",
+                                     data / "train.jsonl", "--output-dir", out / slug, "--max-steps", args.hia_steps]
+                              + hia_common + flags + common, logs / f"{slug}.log")
         command = cli + ["evaluate", "--model", out / "base", "--data", data / "test.jsonl", "--image-root", data,
                          "--output-dir", out / "eval" / slug, "--batch-size", 16, "--max-new-tokens", 96,
                          "--name", name]
-        if adapter is not None:
-            command += ["--adapter", adapter]
+        if flags is not None:
+            command += ["--adapter", out / slug]
         times[f"evaluate {name}"] = run(command, logs / f"evaluate-{slug}.log")
         results[name] = json.loads((out / "eval" / slug / "scores.json").read_text(encoding="utf-8"))
 

@@ -24,6 +24,8 @@ def generate_predictions(model, processor, records, image_root=".", batch_size=8
                          progress=True) -> list[dict]:
     """Greedy answers for `records`, batched with left padding. Returns one dict per record: `id`, `task`,
     `prediction`, `references`."""
+    # Without an active HiA adapter the high-resolution view would be computed and ignored.
+    return_high_res = bool(getattr(model, "peft_config", None))
     results = []
     for start in tqdm(range(0, len(records), batch_size), desc="generating", disable=not progress, unit="batch"):
         chunk = records[start : start + batch_size]
@@ -35,7 +37,8 @@ def generate_predictions(model, processor, records, image_root=".", batch_size=8
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            processor_kwargs={"images": images if any(images) else None, "padding_side": "left"},
+            processor_kwargs={"images": images if any(images) else None, "padding_side": "left",
+                              "return_high_res": return_high_res},
         ).to(model.device)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=processor.tokenizer.pad_token_id)

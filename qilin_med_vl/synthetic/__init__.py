@@ -20,6 +20,7 @@ from .render import (
     lesion_visibility_report,
     render_radiograph,
     sample_anatomy,
+    sample_follow_up_view,
     sample_view,
     to_uint8,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "plan_split",
     "render_radiograph",
     "sample_anatomy",
+    "sample_follow_up_view",
     "sample_view",
     "to_uint8",
 ]

@@ -22,6 +22,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -35,6 +36,7 @@ from .render import (
     finding_box,
     render_radiograph,
     sample_anatomy,
+    sample_follow_up_view,
     sample_view,
     to_uint8,
 )
@@ -56,8 +58,8 @@ GENERATOR_VERSION = "1.0"
 IMAGE_TOKEN = "<image>"
 SPLITS = ("train", "validation", "test")
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2, "examples": 3}
-# Pose shift between the two views of a comparative pair, reference pixels.
-PAIR_SHIFT = 8.0
+# Largest pose change between the two views of a comparative pair, reference pixels per axis.
+PAIR_SHIFT = 4.0
 _PNG_COMPRESS_LEVEL = 6
 
 
@@ -99,8 +101,9 @@ def _rng(seed: int, split: str, *key: int) -> np.random.Generator:
 
 def plan_split(split: str, count: int, seed: int) -> list[RecordPlan]:
     """
-    Balanced plans for `count` records: tasks cycle, then within a task the labels cycle fastest, then the side,
-    then the bone; the records are shuffled afterwards. Counts per task and per label differ by at most one.
+    Balanced plans for `count` records: tasks cycle, and within a task the labels cycle, each with a side and a
+    bone (see below); the records are shuffled afterwards. Counts per task, per label within a task and per side
+    within a task differ by at most one.
     """
     rng = _rng(seed, split, 2**31 - 1)
     tasks = [clinical.TASKS[i % len(clinical.TASKS)] for i in range(count)]
@@ -111,13 +114,14 @@ def plan_split(split: str, count: int, seed: int) -> list[RecordPlan]:
         seen[task] += 1
         if task == "comparative":
             combos = [(c, k) for k in clinical.COMPARATIVE_KINDS for c in clinical.CHANGES]
-            label, kind = combos[j % len(combos)]
-            j //= len(combos)
         else:
-            label = clinical.DISEASES[j % len(clinical.DISEASES)]
-            kind = label
-            j //= len(clinical.DISEASES)
-        leg, bone = j % 2, ("femur", "tibia")[(j // 2) % 2]
+            combos = [(d, d) for d in clinical.DISEASES]
+        label_index, cycle = j % len(combos), j // len(combos)
+        label, kind = combos[label_index]
+        # Sides alternate within every cycle of labels (balanced to one record) and swap between cycles; bones
+        # swap every second cycle, so each label meets every (side, bone) once in four cycles.
+        leg = (label_index + cycle) % 2
+        bone = ("femur", "tibia")[(label_index // 2 + cycle // 2) % 2]
         plans.append(RecordPlan(split, index, task, label, kind, leg, bone))
     order = rng.permutation(count)
     return [replace(plans[o], index=i) for i, o in enumerate(order)]
@@ -128,7 +132,7 @@ def anatomy_hash(anatomy: Anatomy) -> str:
     return hashlib.sha256(repr(asdict(anatomy)).encode()).hexdigest()[:16]
 
 
-def _finding_meta(anatomy, view, finding: Finding, image_size: int) -> dict:
+def _finding_meta(anatomy, view, finding: Finding, image_size: int, small_flake_max: float = 12.0) -> dict:
     scale = image_size / REFERENCE_SIZE
     meta = {
         "kind": finding.kind,
@@ -140,6 +144,8 @@ def _finding_meta(anatomy, view, finding: Finding, image_size: int) -> dict:
     if finding.kind == "flake":
         meta["diameter_px"] = round(finding.size * scale, 2)
         meta["strength"] = round(finding.strength, 3)
+        # "small": at most the small-flake range's upper end at 1024 px, i.e. lost at 336 px.
+        meta["size_class"] = "small" if finding.size <= small_flake_max else "large"
     elif finding.kind == "fracture":
         meta["line_width_px"] = round(finding.size * scale, 2)
     elif finding.kind == "osteophyte":
@@ -158,26 +164,38 @@ def generate_record(plan: RecordPlan, config: SynthConfig) -> tuple[dict, list[n
     anatomy = sample_anatomy(rng)
     first_view = sample_view(rng)
     size = config.image_size
-    meta = {"patient_id": plan.record_id, "anatomy_hash": anatomy_hash(anatomy), "image_size": size,
-            "label": plan.label}
+    meta = {
+        "patient_id": plan.record_id,
+        "anatomy_hash": anatomy_hash(anatomy),
+        "image_size": size,
+        "label": plan.label,
+    }
     if plan.task == "comparative":
         before = clinical.sample_finding(rng, plan.kind, plan.leg, plan.bone, config.flake_sizes(), comparative=True)
         after = clinical.apply_change(rng, anatomy, before, plan.label)
-        # Same patient, a later exposure: small pose shift, new exposure and noise.
-        second_view = sample_view(rng, shift=PAIR_SHIFT)
+        second_view = sample_follow_up_view(rng, first_view, shift=PAIR_SHIFT)
         views, finding_sets = [first_view, second_view], [[before], after]
         answer = clinical.comparative_answer(rng, before, plan.label)
         meta.update(change=plan.label, change_name=clinical.CHANGE_NAMES[plan.label], kind=plan.kind)
     else:
-        finding_sets = [[] if plan.label == "normal" else
-                        [clinical.sample_finding(rng, plan.label, plan.leg, plan.bone, config.flake_sizes())]]
+        finding_sets = [
+            []
+            if plan.label == "normal"
+            else [clinical.sample_finding(rng, plan.label, plan.leg, plan.bone, config.flake_sizes())]
+        ]
         views = [first_view]
-        answer = {"description": clinical.description_answer, "disease": clinical.disease_answer,
-                  "location": clinical.location_answer}[plan.task](rng, finding_sets[0])
+        answer = {
+            "description": clinical.description_answer,
+            "disease": clinical.disease_answer,
+            "location": clinical.location_answer,
+        }[plan.task](rng, finding_sets[0])
         meta.update(disease=plan.label, disease_name=clinical.DISEASE_NAMES[plan.label])
     question = clinical.question(rng, plan.task)
     images = [to_uint8(render_radiograph(anatomy, view, found, size)) for view, found in zip(views, finding_sets)]
-    meta["findings"] = [[_finding_meta(anatomy, view, f, size) for f in found] for view, found in zip(views, finding_sets)]
+    meta["findings"] = [
+        [_finding_meta(anatomy, view, f, size, config.small_flake_diameter[1]) for f in found]
+        for view, found in zip(views, finding_sets)
+    ]
     paths = [f"images/{plan.split}/{plan.record_id}-{i}.png" for i in range(len(images))]
     record = {
         "id": plan.record_id,
@@ -274,23 +292,30 @@ def generate_dataset(output_dir: str, config: SynthConfig, workers: int = 1, pro
 def write_shipped_examples(folder: str, seed: int = 7, image_size: int = REFERENCE_SIZE) -> list[dict]:
     """
     The examples shipped in the repository: one patient, a small flake (8 px at 1024, gone at 336 px) that
-    worsens at follow-up, and one record per task. Writes `synthetic_before.png`, `synthetic_after.png` and
-    `synthetic_examples.jsonl` (image paths relative to `folder`).
+    worsens at follow-up, and one record per task. Writes `before.png`, `after.png` and
+    `examples.jsonl` (image paths relative to `folder`).
     """
     rng = _rng(seed, "examples", 0)
     anatomy = sample_anatomy(rng)
-    before = Finding("flake", 0, "femur", depth=70.0, across=0.25, size=8.0, strength=0.8, seed=int(rng.integers(2**31)))
+    before = Finding(
+        "flake", 0, "femur", depth=70.0, across=0.25, size=8.0, strength=0.8, seed=int(rng.integers(2**31))
+    )
     after = clinical.apply_change(rng, anatomy, before, "worsened")
     # Low-noise, dark-air exposures from the generator's ranges: the PNGs compress to about 0.4 MB instead of 0.5.
-    views = [replace(sample_view(rng), noise_sigma=0.015, offset=-0.05),
-             replace(sample_view(rng, shift=PAIR_SHIFT), noise_sigma=0.015, offset=-0.05)]
-    names = ["synthetic_before.png", "synthetic_after.png"]
+    first_view = replace(sample_view(rng), noise_sigma=0.015, offset=-0.05)
+    views = [first_view, replace(sample_follow_up_view(rng, first_view, PAIR_SHIFT), noise_sigma=0.015, offset=-0.05)]
+    names = ["before.png", "after.png"]
     finding_sets = [[before], after]
     for name, view, found in zip(names, views, finding_sets):
         _save_png(os.path.join(folder, name), to_uint8(render_radiograph(anatomy, view, found, image_size)))
-    meta = {"patient_id": "example-0", "anatomy_hash": anatomy_hash(anatomy), "image_size": image_size,
-            "findings": [[_finding_meta(anatomy, v, f, image_size) for f in found]
-                         for v, found in zip(views, finding_sets)]}
+    meta = {
+        "patient_id": "example-0",
+        "anatomy_hash": anatomy_hash(anatomy),
+        "image_size": image_size,
+        "findings": [
+            [_finding_meta(anatomy, v, f, image_size) for f in found] for v, found in zip(views, finding_sets)
+        ],
+    }
     answers = {
         "description": clinical.description_answer(rng, [before]),
         "disease": clinical.disease_answer(rng, [before]),
@@ -300,20 +325,26 @@ def write_shipped_examples(folder: str, seed: int = 7, image_size: int = REFEREN
     records = []
     for task in clinical.TASKS:
         images = names if task == "comparative" else names[:1]
-        record_meta = dict(meta, findings=meta["findings"][: len(images)], label="worsened" if task == "comparative" else "flake")
-        records.append({
-            "id": f"example-{task}",
-            "task": task,
-            "images": images,
-            "conversations": [
-                {"from": "human", "value": f"{IMAGE_TOKEN}\n" * len(images) + clinical.QUESTION_TEMPLATES[task][0]},
-                {"from": "gpt", "value": answers[task]},
-            ],
-            "meta": record_meta,
-        })
-    with open(os.path.join(folder, "synthetic_examples.jsonl"), "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        record_meta = dict(
+            meta, findings=meta["findings"][: len(images)], label="worsened" if task == "comparative" else "flake"
+        )
+        records.append(
+            {
+                "id": f"example-{task}",
+                "task": task,
+                "images": images,
+                "conversations": [
+                    {
+                        "from": "human",
+                        "value": f"{IMAGE_TOKEN}\n" * len(images) + clinical.QUESTION_TEMPLATES[task][0],
+                    },
+                    {"from": "gpt", "value": answers[task]},
+                ],
+                "meta": record_meta,
+            }
+        )
+    with open(os.path.join(folder, "examples.jsonl"), "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     return records
 
 
@@ -321,6 +352,15 @@ def write_shipped_examples(folder: str, seed: int = 7, image_size: int = REFEREN
 
 
 def synth_data(args) -> int:
+    if args.visibility_report:
+        from .render import format_visibility_report, lesion_visibility_report
+
+        print(format_visibility_report(lesion_visibility_report()), flush=True)
+        if args.output is None:
+            return 0
+    if args.output is None:
+        print("synth-data: --output is required (unless only --visibility-report is asked for)", file=sys.stderr)
+        return 2
     config = SynthConfig(
         seed=args.seed,
         counts={"train": args.train, "validation": args.validation, "test": args.test},
@@ -347,14 +387,23 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         help="generate the synthetic knee radiograph benchmark (train/validation/test JSONL + PNG)",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--output", required=True, help="output folder (the --image-root of training)")
+    parser.add_argument("--output", help="output folder (the --image-root of training)")
     parser.add_argument("--seed", type=int, default=0, help="everything derives from it")
     parser.add_argument("--train", type=int, default=1000, help="training records")
     parser.add_argument("--validation", type=int, default=200, help="validation records")
     parser.add_argument("--test", type=int, default=200, help="test records")
     parser.add_argument("--image-size", type=int, default=REFERENCE_SIZE, help="square image side in pixels")
-    parser.add_argument("--large-flake-fraction", type=float, default=0.25,
-                        help="share of low-density flakes drawn large (16-32 px at 1024), visible at low resolution")
+    parser.add_argument(
+        "--large-flake-fraction",
+        type=float,
+        default=0.25,
+        help="share of low-density flakes drawn large (16-32 px at 1024), visible at low resolution",
+    )
     parser.add_argument("--workers", type=int, default=1, help="rendering processes (output does not depend on it)")
+    parser.add_argument(
+        "--visibility-report",
+        action="store_true",
+        help="print how much contrast small flakes keep at 336 / 672 / 1024 px (about 10 s)",
+    )
     parser.set_defaults(handler=synth_data)
     return parser

@@ -145,11 +145,27 @@ def sample_finding(
     """
     seed = int(rng.integers(2**31))
     if disease == "flake":
-        return Finding("flake", leg, bone, depth=rng.uniform(40, 110), across=rng.uniform(-0.5, 0.5),
-                       size=flake_sizes.sample(rng), strength=rng.uniform(0.7, 0.85), seed=seed)
+        return Finding(
+            "flake",
+            leg,
+            bone,
+            depth=rng.uniform(40, 110),
+            across=rng.uniform(-0.5, 0.5),
+            size=flake_sizes.sample(rng),
+            strength=rng.uniform(0.7, 0.85),
+            seed=seed,
+        )
     if disease == "fracture":
-        return Finding("fracture", leg, bone, depth=rng.uniform(45, 120), size=rng.uniform(2.0, 3.0),
-                       strength=rng.uniform(0.6, 0.8), angle=rng.uniform(-0.35, 0.35), seed=seed)
+        return Finding(
+            "fracture",
+            leg,
+            bone,
+            depth=rng.uniform(45, 120),
+            size=rng.uniform(2.0, 3.0),
+            strength=rng.uniform(0.6, 0.8),
+            angle=rng.uniform(-0.35, 0.35),
+            seed=seed,
+        )
     if disease == "osteophyte":
         return Finding("osteophyte", leg, bone, size=rng.uniform(14, 26), strength=rng.uniform(0.3, 0.5), seed=seed)
     if disease == "narrowing":
@@ -178,9 +194,13 @@ def apply_change(rng: np.random.Generator, anatomy: Anatomy, before: Finding, ch
         if before.kind == "narrowing":
             return [replace(before, size=before.size * rng.uniform(0.25, 0.4))]
         if before.kind == "flake":
-            return [replace(before, size=before.size * rng.uniform(1.5, 2.0), strength=min(0.95, before.strength * 1.15))]
+            return [
+                replace(before, size=before.size * rng.uniform(1.5, 2.0), strength=min(0.95, before.strength * 1.15))
+            ]
         if before.kind == "fracture":
-            return [replace(before, size=before.size * rng.uniform(1.7, 2.2), strength=min(0.95, before.strength * 1.2))]
+            return [
+                replace(before, size=before.size * rng.uniform(1.7, 2.2), strength=min(0.95, before.strength * 1.2))
+            ]
         return [replace(before, size=before.size * rng.uniform(1.4, 1.7), strength=before.strength * 1.5)]
     raise ValueError(f"Unknown change {change!r}; expected one of {CHANGES}")
 
@@ -189,7 +209,7 @@ def apply_change(rng: np.random.Generator, anatomy: Anatomy, before: Finding, ch
 
 
 def location_text(finding: Finding) -> str:
-    """"右侧股骨下段", "左侧胫骨上段", or for narrowing "右侧膝关节内侧间隙"."""
+    """ "右侧股骨下段", "左侧胫骨上段", or for narrowing "右侧膝关节内侧间隙"."""
     side = SIDE_WORDS[finding.leg]
     if finding.kind == "narrowing":
         return f"{side}膝关节内侧间隙"

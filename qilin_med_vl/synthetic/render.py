@@ -17,7 +17,7 @@ Findings (`Finding`) change the maps: a flake or fracture removes part of the bo
 densifies it, narrowing moves the joint surfaces, an implant adds metal.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,6 +32,7 @@ __all__ = [
     "lesion_visibility_report",
     "render_radiograph",
     "sample_anatomy",
+    "sample_follow_up_view",
     "sample_view",
     "to_uint8",
 ]
@@ -179,6 +180,17 @@ def sample_view(rng: np.random.Generator, shift: float = MAX_SHIFT) -> View:
     )
 
 
+def sample_follow_up_view(rng: np.random.Generator, view: View, shift: float = 4.0) -> View:
+    """A later exposure of the same patient: pose within `shift` reference pixels of `view`, new exposure and noise."""
+    follow_up = sample_view(rng)
+    jitter_x, jitter_y = rng.uniform(-shift, shift, 2)
+    return replace(
+        follow_up,
+        shift_x=float(np.clip(view.shift_x + jitter_x, -MAX_SHIFT, MAX_SHIFT)),
+        shift_y=float(np.clip(view.shift_y + jitter_y, -MAX_SHIFT, MAX_SHIFT)),
+    )
+
+
 def _smoothstep(t):
     t = np.clip(t, 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
@@ -235,10 +247,10 @@ class _LegGeometry:
         return self.gap_lateral + (self.gap_medial - self.gap_lateral) * medial_weight
 
     def femur_bottom(self, u):
-        return (self.jy - self.gap(u) / 2 - self.notch * np.exp(-((u / 0.2) ** 2)) - 22 * self.k * np.abs(u) ** 4)
+        return self.jy - self.gap(u) / 2 - self.notch * np.exp(-((u / 0.2) ** 2)) - 22 * self.k * np.abs(u) ** 4
 
     def tibia_top(self, u):
-        return (self.jy + self.gap(u) / 2 - self.eminence * np.exp(-((u / 0.1) ** 2)) + 10 * self.k * np.abs(u) ** 4)
+        return self.jy + self.gap(u) / 2 - self.eminence * np.exp(-((u / 0.1) ** 2)) + 10 * self.k * np.abs(u) ** 4
 
     def surface_y(self, bone, u):
         return self.femur_bottom(u) if bone == "femur" else self.tibia_top(u)
@@ -359,10 +371,11 @@ def _draw_leg(canvas: _Canvas, anatomy: Anatomy, geometry: _LegGeometry):
 
 def _flake_mask(finding: Finding, geometry: _LegGeometry, canvas: _Canvas):
     """
-    Soft mask (0..1) of a moth-eaten low-density flake: a faint irregular star-like patch peppered with holes about
-    2.4 reference pixels across. Holes that small are averaged away by a 3x downscale (1024 -> 336) but survive a
-    1.5x one (1024 -> 672); larger flakes are confluent (their patch is nearly as dark as the holes), so they stay
-    visible at any resolution. Returns (rows, cols, mask).
+    Soft mask (0..1) of a moth-eaten low-density flake: a faint irregular star-like patch peppered with holes
+    `FLAKE_HOLE_DIAMETER` reference pixels across. Holes that small are mostly averaged away by a 3x downscale
+    (1024 -> 336) but largely survive a 1.5x one (1024 -> 672); from about 16 px up the patch itself darkens
+    (confluent flakes, `(size - 8) / 16` of a hole's darkening), so large flakes stay visible at any resolution.
+    Returns (rows, cols, mask).
     """
     k = geometry.k
     cx, cy = geometry.point(finding.bone, finding.depth, finding.across)
@@ -452,9 +465,16 @@ def _sclerosis(canvas, finding, geometry):
     band = (8 + 0.6 * finding.size) * k
     width = geometry.half_width(finding.bone, geometry.jy) * 1.3
     if finding.bone == "femur":
-        rows, cols = canvas.window(geometry.cx - width - 60 * k, geometry.cx + width + 60 * k, geometry.jy - 3 * band - 40 * k, geometry.jy)
+        rows, cols = canvas.window(
+            geometry.cx - width - 60 * k, geometry.cx + width + 60 * k, geometry.jy - 3 * band - 40 * k, geometry.jy
+        )
     else:
-        rows, cols = canvas.window(geometry.cx - width - 60 * k, geometry.cx + width + 60 * k, geometry.jy - 20 * k, geometry.jy + 3 * band + 40 * k)
+        rows, cols = canvas.window(
+            geometry.cx - width - 60 * k,
+            geometry.cx + width + 60 * k,
+            geometry.jy - 20 * k,
+            geometry.jy + 3 * band + 40 * k,
+        )
     y = canvas.y[rows][:, None]
     u = (canvas.x[cols][None, :] - geometry.center_x(y)) / geometry.half_width(finding.bone, y)
     distance = (geometry.femur_bottom(u) - y) if finding.bone == "femur" else (y - geometry.tibia_top(u))
@@ -462,14 +482,19 @@ def _sclerosis(canvas, finding, geometry):
     canvas.bone[rows, cols] *= 1.0 + finding.strength * profile
 
 
+def _implant_rows(finding: Finding, geometry: _LegGeometry) -> tuple[float, float]:
+    """Top and bottom (patient coordinates) of a plate starting `depth` into the bone and `size` long."""
+    direction = -1.0 if finding.bone == "femur" else 1.0
+    start = float(geometry.surface_y(finding.bone, geometry.lateral * 0.9)) + direction * finding.depth * geometry.k
+    end = start + direction * finding.size * geometry.k
+    return min(start, end), max(start, end)
+
+
 def _draw_implant(canvas, finding, geometry, anatomy):
     """A lateral plate along the bone with screws across it."""
     k = geometry.k
     rng = np.random.default_rng(finding.seed)
-    direction = -1.0 if finding.bone == "femur" else 1.0
-    start = float(geometry.surface_y(finding.bone, geometry.lateral * 0.9)) + direction * finding.depth * k
-    end = start + direction * finding.size * k
-    y0, y1 = min(start, end), max(start, end)
+    y0, y1 = _implant_rows(finding, geometry)
     thickness = rng.uniform(9, 12) * k
     reach = geometry.condyle + thickness + 8 * k
     rows, cols = canvas.window(geometry.cx - reach - 60 * k, geometry.cx + reach + 60 * k, y0 - 4 * k, y1 + 4 * k)
@@ -533,10 +558,14 @@ def render_radiograph(anatomy: Anatomy, view: View, findings=(), image_size: int
     padded = image_size + 2 * margin
     trabecular, coarse = anatomy.trabecular_amplitude, anatomy.coarse_amplitude
     texture = _correlated_noise(
-        texture_rng, (padded, padded), sigmas_y=(2.2 * k, 9.0 * k), sigmas_x=(1.0 * k, 9.0 * k), amplitudes=(trabecular, coarse)
+        texture_rng,
+        (padded, padded),
+        sigmas_y=(2.2 * k, 9.0 * k),
+        sigmas_x=(1.0 * k, 9.0 * k),
+        amplitudes=(trabecular, coarse),
     )
-    r0 = margin - int(round(canvas.shift_y))
-    c0 = margin - int(round(canvas.shift_x))
+    r0 = margin - round(canvas.shift_y)
+    c0 = margin - round(canvas.shift_x)
     texture = texture[r0 : r0 + image_size, c0 : c0 + image_size]
     canvas.bone *= 1.0 + texture
     canvas.soft *= 1.0 + 0.25 * texture
@@ -586,17 +615,14 @@ def finding_box(anatomy: Anatomy, view: View, finding: Finding, image_size: int 
     else:
         width = geometry.condyle + (finding.size * k if finding.kind == "osteophyte" else 16 * k)
         if finding.kind == "osteophyte":
-            lo, hi = (geometry.jy - 60 * k, geometry.jy) if finding.bone == "femur" else (geometry.jy, geometry.jy + 60 * k)
+            lo, hi = (
+                (geometry.jy - 60 * k, geometry.jy) if finding.bone == "femur" else (geometry.jy, geometry.jy + 60 * k)
+            )
         else:
-            direction = -1.0 if finding.bone == "femur" else 1.0
-            start = geometry.jy + direction * finding.depth * k
-            end = start + direction * finding.size * k
-            lo, hi = min(start, end), max(start, end)
+            lo, hi = _implant_rows(finding, geometry)
         box = (geometry.cx - width, lo, geometry.cx + width, hi)
     x0, y0, x1, y1 = box
-    clip = lambda v: int(np.clip(round(v), 0, image_size))  # noqa: E731
-    return [clip(x0 + sx), clip(y0 + sy), clip(x1 + sx), clip(y1 + sy)]
-
+    return [int(np.clip(round(v), 0, image_size)) for v in (x0 + sx, y0 + sy, x1 + sx, y1 + sy)]
 
 
 # --- how much of a small lesion survives downscaling -----------------------------------------------------------
@@ -641,13 +667,20 @@ def lesion_visibility_report(
         for _ in range(lesions_per_diameter):
             anatomy, view = sample_anatomy(rng), sample_view(rng)
             finding = Finding(
-                "flake", int(rng.integers(2)), str(rng.choice(BONES)), depth=float(rng.uniform(45, 100)),
-                across=float(rng.uniform(-0.45, 0.45)), size=float(diameter), strength=strength,
+                "flake",
+                int(rng.integers(2)),
+                str(rng.choice(BONES)),
+                depth=float(rng.uniform(45, 100)),
+                across=float(rng.uniform(-0.45, 0.45)),
+                size=float(diameter),
+                strength=strength,
                 seed=int(rng.integers(2**31)),
             )
             clean = to_uint8(render_radiograph(anatomy, view, [], size))
             lesioned = to_uint8(render_radiograph(anatomy, view, [finding], size))
-            centre_x, centre_y = _LegGeometry(anatomy, finding.leg, 1.0).point(finding.bone, finding.depth, finding.across)
+            centre_x, centre_y = _LegGeometry(anatomy, finding.leg, 1.0).point(
+                finding.bone, finding.depth, finding.across
+            )
             centre_x, centre_y = centre_x + view.shift_x, centre_y + view.shift_y
             full_signal.append(float((clean.astype(np.float32) - lesioned).max() / 255.0))
             for resample in resamples:
@@ -667,15 +700,17 @@ def lesion_visibility_report(
         for (resample, resolution), values in samples.items():
             signal = np.array([v[0] for v in values])
             background = np.array([v[1] for v in values])
-            rows.append({
-                "diameter": float(diameter),
-                "resample": resample,
-                "resolution": resolution,
-                "signal": float(signal.mean()),
-                "background": float(background.mean()),
-                "retained": float(signal.mean() / reference),
-                "cnr": float((signal / background).mean()),
-            })
+            rows.append(
+                {
+                    "diameter": float(diameter),
+                    "resample": resample,
+                    "resolution": resolution,
+                    "signal": float(signal.mean()),
+                    "background": float(background.mean()),
+                    "retained": float(signal.mean() / reference),
+                    "cnr": float((signal / background).mean()),
+                }
+            )
     return rows
 
 
@@ -688,11 +723,9 @@ def format_visibility_report(rows: list[dict]) -> str:
     for diameter, resample in keys:
         cells = []
         for resolution in resolutions:
-            row = next(r for r in rows if (r["diameter"], r["resample"], r["resolution"]) == (diameter, resample, resolution))
+            row = next(
+                r for r in rows if (r["diameter"], r["resample"], r["resolution"]) == (diameter, resample, resolution)
+            )
             cells.append(f"{row['retained']:.2f} / {row['cnr']:.1f}")
         lines.append(f"| {diameter:g} px | {resample} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(format_visibility_report(lesion_visibility_report()))

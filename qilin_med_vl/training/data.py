@@ -184,8 +184,10 @@ class ConversationCollator:
     """
 
     def __init__(self, processor, image_root: str = ".", chat_template: str | None = None,
-                 max_length: int | None = None, padding_side: str = "right"):
+                 max_length: int | None = None, padding_side: str = "right", return_high_res: bool = True):
         self.processor = processor
+        # Stages without HiA skip the high-resolution view: it would double the image preprocessing for nothing.
+        self.return_high_res = return_high_res
         self.image_root = image_root
         self.chat_template = chat_template
         self.max_length = max_length
@@ -205,6 +207,7 @@ class ConversationCollator:
                 "images": images if any(images) else None,
                 "padding_side": self.padding_side,
                 "max_length": self.max_length,
+                "return_high_res": self.return_high_res,
             },
         )
         assistant_mask = torch.as_tensor(batch.pop("assistant_masks")).bool()

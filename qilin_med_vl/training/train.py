@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         args=training_args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        data_collator=ConversationCollator(processor, args.image_root, template, args.max_length),
+        data_collator=ConversationCollator(processor, args.image_root, template, args.max_length,
+                                           return_high_res=args.stage == "hia"),
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     # Adapter-only for HiA and LoRA (a PeftModel saves its adapter); the whole model otherwise.
