@@ -79,7 +79,8 @@ def bench_config(
     2.7 x hidden (13824 / 5120), CLIP MLP 4 x, the real 32064-row vocabulary, `<image>` = 32000."""
     from .modeling.configuration_qilin_med_vl import QilinMedVLConfig
 
-    intermediate_size = intermediate_size or int(round(hidden_size * 13824 / 5120 / 16)) * 16
+    # Rounded to a multiple of 64: bitsandbytes' CPU 4-bit kernels need in-features divisible by the 64 blocksize.
+    intermediate_size = intermediate_size or int(round(hidden_size * 13824 / 5120 / 64)) * 64
     text_config = {
         "model_type": "llama",
         "hidden_size": hidden_size,
@@ -1072,19 +1073,21 @@ def hia_grid_13b(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), text_tokens: i
                 "kv_cache_gib_base_and_hia": kv_cache_bytes(config.text_config, base["tokens"]) / 2**30,
                 "kv_cache_gib_baseline": kv_cache_bytes(config.text_config, baseline["tokens"]) / 2**30,
             })
-    target = next(c for c in cells if c["high_res_size"] == 672 and c["num_images"] == 2)
+    target_base = prefill_flops(config, 2, text_tokens)["total"]
+    target_hia = prefill_flops(config, 2, text_tokens, hia=hia, high_res_size=672)["total"]
     return {
         "config": "QilinMedVLConfig() + HiAConfig() (layers 13, 26; M=256; width 5120; ResNet-50), batch 1",
         "text_tokens": text_tokens,
         "cells": cells,
-        "target_672px_2_images": {"hia_over_base": target["hia_over_base"], "target": 1.10,
-                                  "met": target["hia_over_base"] <= 1.10},
+        "target_672px_2_images": {"base_tflops": target_base / 1e12, "hia_tflops": target_hia / 1e12,
+                                  "hia_over_base": target_hia / target_base, "target": 1.10,
+                                  "met": target_hia / target_base <= 1.10},
     }
 
 
 def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int = 2, decode_repeats: int = 5,
                  new_tokens: int = 32, decode_images=(1, 2, 4), decode_size: int = 672, max_baseline_tokens: int = 2400,
-                 text_tokens: int = 48, encoder_width: int = 64, log=print) -> dict:
+                 text_tokens: int = 48, encoder_width: int = 32, log=print) -> dict:
     """CPU measurements on the small bench configuration (224 px low-res view, 256 tokens per image) with HiA's
     defaults (M=256, 8 heads, width = hidden, ResNet-50 trunk unless `encoder_width` says otherwise), plus the exact
     13B grid. Baseline cells whose language-model input exceeds `max_baseline_tokens` are counted, not timed."""
@@ -1201,3 +1204,334 @@ def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int =
         "grid_13b": grid,
         "seconds": time.perf_counter() - started,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Suite 4: bitsandbytes 8-bit / 4-bit against bf16 / fp32 on CPU
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def quantized_footprint_bytes(model_or_counts, scheme: str, rest_bytes: int | None = None) -> int:
+    """Bytes of the parameters under `scheme` ("fp32", "bf16", "int8", "nf4") when only the language model's decoder
+    linears are quantized (the model's default skip list), counted as `get_memory_footprint` counts them: int8 = 1
+    byte per weight, nf4 = 0.5 byte per weight (bitsandbytes' scales/absmax live outside parameters and buffers and
+    are not counted by it: about 4 bytes per output row for int8, 4 bytes per 64 weights for nf4); everything else
+    at `rest_bytes` per element (default: 4 for "fp32", else 2, i.e. bf16)."""
+    quantized, other = model_or_counts
+    rest = rest_bytes or (4 if scheme == "fp32" else 2)
+    per_weight = {"fp32": 4, "bf16": 2, "int8": 1, "nf4": 0.5}[scheme]
+    return int(quantized * per_weight + other * rest)
+
+
+def split_decoder_linear_parameters(model) -> tuple[int, int]:
+    """(weights of Linear layers inside the language model's decoder layers, every other parameter element)."""
+    quantizable = 0
+    for name, module in model.named_modules():
+        if ".language_model.layers." in f".{name}." and isinstance(module, torch.nn.Linear):
+            quantizable += module.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return quantizable, total - quantizable
+
+
+def run_quantization(repeats: int = 5, new_tokens: int = 16, num_images: int = 1, text_tokens: int = 48,
+                     log=print) -> dict:
+    import warnings
+
+    from transformers import BitsAndBytesConfig
+
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+
+    started = time.perf_counter()
+    config = bench_config()
+    reference = build_model(config)
+    inputs = make_inputs(config, num_images, text_tokens)
+    with torch.inference_mode():
+        reference_logits = reference(**inputs).logits.float()
+    counts = split_decoder_linear_parameters(reference)
+    variants = {
+        "fp32": {"dtype": torch.float32},
+        "bf16": {"dtype": torch.bfloat16},
+        "int8": {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": "cpu",
+                 "dtype": torch.bfloat16},
+        "nf4": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                          bnb_4bit_compute_dtype=torch.bfloat16),
+                "device_map": "cpu", "dtype": torch.bfloat16},
+    }
+    models, rows = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        del reference
+        for name, kwargs in variants.items():
+            try:
+                model = _qilin_class().from_pretrained(folder, **kwargs).eval()
+            except Exception as error:  # reported, not fatal
+                rows[name] = {"error": repr(error)}
+                log(f"[quant] {name}: failed to load: {error!r}")
+                continue
+            model.generation_config.pad_token_id = 0
+            with torch.inference_mode():
+                logits = model(**inputs).logits.float()
+            models[name] = model
+            rows[name] = {
+                "memory_footprint_bytes": model.get_memory_footprint(),
+                "expected_footprint_bytes": quantized_footprint_bytes(counts, name),
+                "logit_cosine_vs_fp32": torch.nn.functional.cosine_similarity(
+                    logits.flatten(), reference_logits.flatten(), dim=0).item(),
+            }
+    times = time_models(models, {name: inputs for name in models}, repeats, warmup=1, new_tokens=new_tokens)
+    for name in models:
+        rows[name]["prefill_ms"] = statistics.median(times[name]["prefill"]) * 1e3
+        rows[name]["decode_step_ms"] = statistics.median(times[name]["decode_step"]) * 1e3
+        rows[name]["decode_tokens_per_s"] = 1e3 / rows[name]["decode_step_ms"]
+        log(f"[quant] {name}: footprint {rows[name]['memory_footprint_bytes'] / 1e6:.1f} MB, prefill "
+            f"{rows[name]['prefill_ms']:.0f} ms, decode {rows[name]['decode_tokens_per_s']:.1f} tok/s, cosine vs fp32 "
+            f"{rows[name]['logit_cosine_vs_fp32']:.4f}")
+    from .modeling.configuration_qilin_med_vl import QilinMedVLConfig
+
+    meta = build_meta_model(QilinMedVLConfig())
+    counts_13b = split_decoder_linear_parameters(meta)
+    return {
+        "config": f"bench_config() ({sum(counts) / 1e6:.1f} M parameters, {counts[0] / 1e6:.1f} M of them in decoder "
+                  "linears, the only quantized part by default)",
+        "method": "from_pretrained of one saved fp32 checkpoint per variant; 8-bit = LLM.int8 (threshold 6.0), "
+                  "4-bit = nf4 with bf16 compute; in both the unquantized rest (vision tower, projector, embeddings, "
+                  "norms, LM head) is loaded in bf16 (dtype=torch.bfloat16); prefill = 1 image + "
+                  f"{text_tokens} text tokens; decode = {new_tokens} tokens; interleaved rounds, medians. The "
+                  "expected footprint is the arithmetic of `quantized_footprint_bytes`, also used for the 13B column",
+        "rounds": times.get("_rounds"),
+        "variants": rows,
+        "footprint_13b_gib": {scheme: quantized_footprint_bytes(counts_13b, scheme) / 2**30
+                              for scheme in ("fp32", "bf16", "int8", "nf4")},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Suite 5: the 13B configuration with random weights on a CUDA device
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _random_model(config, precision: str, device, seed: int = 0):
+    """Random-weight model built directly on `device` in bf16; for "int8" / "nf4" the language model's decoder linears
+    are then replaced one by one by bitsandbytes layers (what `from_pretrained` with a `BitsAndBytesConfig` and the
+    model's default skip list produces), so no checkpoint has to be written."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = _qilin_class()._from_config(config, dtype=torch.bfloat16)
+    model.eval()
+    model.generation_config.pad_token_id = 0
+    if precision in ("int8", "nf4"):
+        import bitsandbytes as bnb
+
+        for layer in model.model.language_model.layers:
+            for parent in list(layer.modules()):
+                for name, child in list(parent.named_children()):
+                    if type(child) is not torch.nn.Linear:
+                        continue
+                    weight = child.weight.data
+                    bias = child.bias is not None
+                    if precision == "int8":
+                        new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias,
+                                                  has_fp16_weights=False, threshold=6.0, device=device)
+                        new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+                        new.weight._quantize(device)
+                    else:
+                        new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias,
+                                                compute_dtype=torch.bfloat16, quant_type="nf4", device=device)
+                        new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=new)
+                        new.weight = new.weight.to(device)
+                    if bias:
+                        new.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                    setattr(parent, name, new)
+                    del child, weight
+    return model
+
+
+def copy_bandwidth(device, nbytes: int = 2**30, repeats: int = 10) -> float:
+    """Device memory bandwidth in bytes/s measured with `copy_` (bytes read + bytes written over time)."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    sync = _synchronizer(device)
+    for _ in range(3):
+        target.copy_(source)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    sync()
+    return 2 * nbytes * repeats / (time.perf_counter() - start)
+
+
+def _synchronizer(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def decode_weight_bytes(model) -> int:
+    """Parameter bytes read per decode step: everything in the language model but the embedding table (one row is
+    read), plus the LM head. Vision tower, projector and HiA do not run at decode."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    language_model = base.model.language_model
+    total = sum(p.numel() * p.element_size() for p in language_model.parameters())
+    total -= language_model.embed_tokens.weight.numel() * language_model.embed_tokens.weight.element_size()
+    return total + sum(p.numel() * p.element_size() for p in base.lm_head.parameters())
+
+
+def manual_decode(model, inputs, new_tokens: int, cache: str = "dynamic", compiled=None, synchronize=None) -> dict:
+    """Greedy decoding written out (prefill, then one forward per token) with a dynamic or static KV cache and an
+    optional compiled step function. Returns prefill seconds and per-step seconds."""
+    from transformers import DynamicCache, StaticCache
+
+    synchronize = synchronize or (lambda: None)
+    batch, prompt = inputs["input_ids"].shape
+    device = inputs["input_ids"].device
+    if cache == "static":
+        past = StaticCache(config=model.config, max_cache_len=prompt + new_tokens + 1)
+    else:
+        past = DynamicCache(config=model.config)
+    step = compiled or model
+    steps = []
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(**inputs, past_key_values=past, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize()
+        prefill = time.perf_counter() - start
+        for index in range(new_tokens):
+            position = torch.full((1,), prompt + index, device=device, dtype=torch.long)
+            mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+            if compiled is not None and mark is not None and device.type == "cuda":
+                mark()
+            begin = time.perf_counter()
+            out = step(input_ids=token, past_key_values=past, cache_position=position,
+                       position_ids=position.unsqueeze(0).expand(batch, 1), use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            synchronize()
+            steps.append(time.perf_counter() - begin)
+    return {"prefill": prefill, "steps": steps}
+
+
+def run_gpu_suite(precisions=("bf16", "int8", "nf4"), batch_sizes=(1, 8), num_images: int = 1, text_tokens: int = 64,
+                  new_tokens: int = 64, repeats: int = 3, high_res_size: int = 672, allow_cpu: bool = False,
+                  small: bool = False, compile_decode: bool = True, log=print) -> dict:
+    """The 13B configuration (`QilinMedVLConfig()`) with random weights on CUDA. Skipped, and says so, without CUDA
+    unless `allow_cpu` (a plumbing smoke test, normally with `small`: not a GPU figure)."""
+    date = datetime.date.today().isoformat()
+    if not torch.cuda.is_available() and not allow_cpu:
+        message = ("GPU benchmark SKIPPED: torch.cuda.is_available() is False on this machine "
+                   f"(torch {torch.__version__}); no GPU figure was measured.")
+        log(message)
+        return {"skipped": True, "reason": message, "date": date, "machine": machine_description()}
+    from peft import get_peft_model
+
+    from .modeling.configuration_qilin_med_vl import QilinMedVLConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    synchronize = _synchronizer(device)
+    if small:
+        config = bench_config(hidden_size=256, num_hidden_layers=4, vision_hidden_size=192, vision_layers=2,
+                              vision_heads=3, image_size=224)
+        hia = hia_config_for(high_res_size, encoder_width=16)
+    else:
+        config = QilinMedVLConfig()
+        hia = hia_config_for(high_res_size)
+    record = {
+        "skipped": False,
+        "date": date,
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU smoke test ({platform.processor()})",
+        "smoke_test": device.type != "cuda" or small,
+        "config": "QilinMedVLConfig() (13B)" if not small else "small bench config (plumbing test only)",
+        "machine": machine_description(),
+        "rows": [],
+    }
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else copy_bandwidth(device, 2**26, 3)
+    record["copy_bandwidth_gb_s"] = bandwidth / 1e9
+    log(f"[gpu] {record['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+
+    def peak_reset():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_read():
+        return torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+
+    for precision in precisions:
+        try:
+            model = _random_model(config, precision, device)
+        except Exception as error:
+            record["rows"].append({"precision": precision, "error": repr(error)})
+            log(f"[gpu] {precision}: could not build: {error!r}")
+            continue
+        record.setdefault("model_memory_bytes", {})[precision] = (
+            torch.cuda.memory_allocated() if device.type == "cuda" else parameter_bytes(model))
+        for with_hia in (False, True):
+            if with_hia:
+                model = get_peft_model(model, copy.deepcopy(hia)).eval()
+                for block in _hia_blocks(model):
+                    block.to(device=device, dtype=torch.bfloat16)
+            for batch in batch_sizes:
+                inputs = make_inputs(config, num_images, text_tokens, high_res_size if with_hia else None,
+                                     batch_size=batch, dtype=torch.bfloat16, device=device)
+                row = {"precision": precision, "hia": with_hia, "batch_size": batch,
+                       "prompt_tokens": int(inputs["input_ids"].shape[1])}
+                try:
+                    time_prefill(model, inputs, synchronize)  # warm-up
+                    row["prefill_ms"] = statistics.median(
+                        time_prefill(model, inputs, synchronize) for _ in range(repeats)) * 1e3
+                    peak_reset()
+                    runs = [time_generate(model, inputs, new_tokens, synchronize) for _ in range(repeats)]
+                    row["peak_memory_bytes"] = peak_read()
+                    step = statistics.median(statistics.median(run["steps"]) for run in runs)
+                    row["decode_step_ms"] = step * 1e3
+                    row["decode_tokens_per_s"] = batch / step
+                except Exception as error:
+                    row["error"] = repr(error)
+                record["rows"].append(row)
+                log(f"[gpu] {precision} HiA={with_hia} batch {batch}: " + ", ".join(
+                    f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                    if k not in ("precision", "hia", "batch_size")))
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if precision == "bf16":
+            # Batch-1 decode against the memory-bandwidth bound, with generate, a static cache, and torch.compile.
+            inputs = make_inputs(config, num_images, text_tokens, dtype=torch.bfloat16, device=device)
+            weights = decode_weight_bytes(base)
+            context = int(inputs["input_ids"].shape[1]) + new_tokens // 2
+            kv = kv_cache_bytes(config.text_config, context)
+            bound = bandwidth / (weights + kv)
+            variants = {}
+            with getattr(model, "disable_adapter", nullcontext)():
+                for label, cache, compile_it in (("dynamic cache, eager", "dynamic", False),
+                                                 ("static cache, eager", "static", False),
+                                                 ("static cache, torch.compile", "static", True)):
+                    if compile_it and not compile_decode:
+                        continue
+                    try:
+                        compiled = None
+                        if compile_it:
+                            mode = "reduce-overhead" if device.type == "cuda" else "default"
+                            compiled = torch.compile(base.forward, mode=mode, fullgraph=False)
+                            manual_decode(base, inputs, 8, "static", compiled, synchronize)  # compile + warm-up
+                        manual_decode(base, inputs, 4, cache, compiled, synchronize)
+                        runs = [manual_decode(base, inputs, new_tokens, cache, compiled, synchronize)
+                                for _ in range(repeats)]
+                        step = statistics.median(statistics.median(run["steps"]) for run in runs)
+                        variants[label] = {"decode_step_ms": step * 1e3, "tokens_per_s": 1 / step,
+                                           "fraction_of_bound": (1 / step) / bound}
+                    except Exception as error:
+                        variants[label] = {"error": repr(error)}
+                    log(f"[gpu] bf16 batch 1 {label}: {variants[label]}")
+            record["bandwidth_bound"] = {
+                "weight_bytes_per_token": weights,
+                "kv_bytes_per_token_at_mid_generation": kv,
+                "bound_tokens_per_s": bound,
+                "variants": variants,
+                "target_fraction": 0.70,
+            }
+        del model, base
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return record

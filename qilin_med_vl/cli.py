@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate(commands)
     add_demo(commands)
     add_synth_data(commands)
+    from .data.chimed_vl import add_cli as add_convert_chimed_vl
+
+    add_convert_chimed_vl(commands)
     return parser
 
 

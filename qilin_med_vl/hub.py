@@ -124,7 +124,8 @@ def check_repo_folder(folder: str | os.PathLike) -> list[str]:
         problems.append("no processor (processor_config.json)")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         problems.append("no tokenizer (tokenizer.json or tokenizer.model)")
-    if not (folder / "chat_template.jinja").is_file() and "chat_template" not in _json(folder / "processor_config.json"):
+    has_template = (folder / "chat_template.jinja").is_file() or "chat_template" in _json(folder / "processor_config.json")
+    if not has_template:
         problems.append("no chat template")
     adapter = folder / ADAPTER_SUBFOLDER
     if adapter.exists():
@@ -139,7 +140,8 @@ def check_repo_folder(folder: str | os.PathLike) -> list[str]:
     else:
         from huggingface_hub import ModelCard
 
-        problems += [f"README.md {problem}" for problem in check_card_metadata(ModelCard(readme.read_text()).data.to_dict())]
+        metadata = ModelCard(readme.read_text(encoding="utf-8")).data.to_dict()
+        problems += [f"README.md {problem}" for problem in check_card_metadata(metadata)]
     return sorted(set(problems))
 
 
@@ -218,8 +220,8 @@ class PushResult:
         total = sum(size for _, size in self.files)
         where = f"{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
         verb = "would upload" if self.dry_run else "uploaded"
-        lines = [f"{verb} {len(self.files)} files ({total / 2**20:.1f} MiB) to {where}"
-                 f"{' (private)' if self.private else ''}"]
+        private = " (private)" if self.private else ""
+        lines = [f"{verb} {len(self.files)} files ({total / 2**20:.1f} MiB) to {where}{private}"]
         lines += [f"  {path}  {size:,} B" for path, size in self.files]
         if self.commit_url:
             lines.append(f"  commit: {self.commit_url}")
@@ -250,6 +252,8 @@ def push_to_hub(
         token: a Hub token; default the logged-in one.
         assembled: keep the assembled folder here (default: a temporary folder, removed afterwards).
     """
+    if assembled and Path(assembled).resolve() in (Path(model).resolve(), *Path(model).resolve().parents):
+        raise ValueError(f"--assembled {assembled} would replace the model folder {model}; choose another folder")
     with tempfile.TemporaryDirectory(prefix="qilin-push-") as temporary:
         folder = Path(assembled) if assembled else Path(temporary) / "repo"
         assemble_repo(model, folder, adapter=adapter, card=card, repo_id=repo_id, base_model=base_model,
@@ -300,7 +304,7 @@ def add_cli(subparsers) -> None:
     )
     parser.add_argument("model", help="saved Qilin-Med-VL folder (e.g. the output of `convert`)")
     parser.add_argument("repo_id", help="target repo, e.g. my-org/Qilin-Med-VL-HiA")
-    parser.add_argument("--adapter", help="saved HiA adapter folder, published as hia/ (default: MODEL/hia if present)")
+    parser.add_argument("--adapter", help="saved HiA adapter folder, published as hia/ (default: MODEL/hia, if any)")
     parser.add_argument("--card", help=f"model card: {', '.join(CARD_REPO_IDS)} or a markdown file "
                                        "(default: qilin-med-vl-hia with an adapter, else qilin-med-vl)")
     parser.add_argument("--base-model", help="override the card's base_model metadata")

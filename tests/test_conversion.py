@@ -32,7 +32,7 @@ from qilin_med_vl.conversion import (
     llava_config_from_qilin,
 )
 from qilin_med_vl.conversion.original import ShardWriter, parse_size, staged_output, write_safetensors
-from qilin_med_vl.testing import tiny_model, tiny_processor
+from qilin_med_vl.testing import tiny_model
 
 from conftest import random_image
 
@@ -209,7 +209,7 @@ def release(tmp_path_factory, clip_folder):
 
 @pytest.fixture(scope="module")
 def converted(release, clip_folder, tmp_path_factory):
-    folder, state = release
+    folder, _ = release
     output = tmp_path_factory.mktemp("converted") / "Qilin-Med-VL-hf"
     report = convert_original(folder, output, clip=clip_folder, max_shard_size="40KB", progress=False)
     return output, report
@@ -283,7 +283,8 @@ def test_report_accounts_for_every_source_tensor(converted, release, clip_folder
     assert report.dropped["model:model.layers.0.self_attn.rotary_emb.inv_freq"].startswith("rotary inv_freq")
     assert "identical" in report.dropped["projector:model.mm_projector.0.weight"]
     embedded = report.dropped["model:model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"]
-    assert "embedded CLIP copy" in embedded and "differs" in embedded  # bf16 copy vs the fp32 CLIP weights
+    assert "embedded CLIP copy" in embedded and "(identical)" in embedded  # compared in the output's bf16
+    assert "embedded CLIP copy, which the original loader ignored" in report.summary()  # grouped, no details
     assert "text tower" in report.dropped["clip:text_model.encoder.layers.0.mlp.fc1.weight"]
     assert report.mapped["clip:vision_model.post_layernorm.weight"] == "model.vision_tower.post_layernorm.weight"
     assert report.mapped["model:model.layers.2.mlp.down_proj.weight"] == "model.language_model.layers.2.mlp.down_proj.weight"
@@ -307,8 +308,7 @@ def test_unexpected_key_is_an_error_and_writes_nothing(release, clip_folder, tmp
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["release"]
 
 
-def test_missing_tensor_is_an_error(release, clip_folder, tmp_path):
-    folder, state = release
+def test_missing_tensor_is_an_error(clip_folder, tmp_path):
     source = tmp_path / "release"
     build_original_release(source, clip_folder, shards=1, projector_in_shards=False, projector_file=False)
     with pytest.raises(ConversionError, match="have no source") as error:

@@ -338,7 +338,7 @@ def test_load_casts_dtype(source_and_target):
 
 
 def test_load_from_safetensors_file(source_and_target, tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as safetensors_torch
     source, target = source_and_target
     state = {k: v.contiguous() for k, v in _prefixed_state_dict(source, "backbone.").items()}
     path = tmp_path / "resnet50.safetensors"

@@ -204,6 +204,13 @@ def test_dry_run_lists_files_and_touches_no_network(model_folder, monkeypatch):
     assert "would upload" in result.summary() and "me/tiny@v0 (private)" in result.summary()
 
 
+def test_assembled_folder_may_not_replace_the_model(model_folder):
+    folder, _ = model_folder
+    with pytest.raises(ValueError, match="would replace the model folder"):
+        push_to_hub(folder, "me/tiny", dry_run=True, assembled=folder)
+    assert (folder / "model.safetensors").is_file()
+
+
 def test_push_creates_private_repo_branch_and_uploads(model_folder, monkeypatch):
     folder, _ = model_folder
     RecordingApi.calls = []

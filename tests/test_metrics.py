@@ -99,7 +99,7 @@ class _NoSynonyms:
 
 
 def _nltk_meteor(ref_tokens_list, hyp_tokens):
-    meteor_score = pytest.importorskip("nltk.translate.meteor_score")
+    import nltk.translate.meteor_score as meteor_score
     return 100 * meteor_score.meteor_score(
         ref_tokens_list, hyp_tokens, stemmer=_IdentityStemmer(), wordnet=_NoSynonyms()
     )
@@ -132,7 +132,7 @@ def test_char_tokenizer_rules():
 
 
 def test_jieba_tokenizer():
-    pytest.importorskip("jieba")
+    import jieba  # noqa: F401
     text = "右肺上叶见结节，Ｔ２ＷＩ呈高信号。"
     tokens = tokenize_zh(text, mode="jieba")
     assert "".join(tokens) == "右肺上叶见结节,T2WI呈高信号。"
@@ -245,7 +245,7 @@ def test_lowercase_and_callable_tokenizer(metric):
 
 
 def test_jieba_mode_through_metric(metric):
-    pytest.importorskip("jieba")
+    import jieba  # noqa: F401
     pred, ref = "右肺上叶见结节，T2WI呈高信号。", "右肺上叶见小结节，T2WI呈稍高信号。"
     out = metric.compute(predictions=[pred], references=[[ref]], tokenizer="jieba")
     hyp_tokens = tokenize_zh(pred, mode="jieba")
@@ -263,10 +263,10 @@ def test_jieba_mode_through_metric(metric):
 @pytest.mark.parametrize("n_refs", [1, 3])
 @pytest.mark.parametrize("tokenizer", ["char", "jieba"])
 def test_bleu_equals_sacrebleu_and_nltk(metric, n_refs, tokenizer):
-    sacrebleu = pytest.importorskip("sacrebleu")
-    nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
+    import sacrebleu
+    import nltk.translate.bleu_score as nltk_bleu
     if tokenizer == "jieba":
-        pytest.importorskip("jieba")
+        import jieba  # noqa: F401
     pairs = _pairs(seed=7 + n_refs, n_refs=n_refs)
     checked_nltk = False
     for end in (1, 3, len(pairs)):  # a single sentence, a small and the full corpus
@@ -306,9 +306,9 @@ def test_bleu_equals_sacrebleu_and_nltk(metric, n_refs, tokenizer):
 @pytest.mark.parametrize("n_refs", [1, 3])
 @pytest.mark.parametrize("tokenizer", ["char", "jieba"])
 def test_meteor_equals_nltk(metric, n_refs, tokenizer):
-    pytest.importorskip("nltk")
+    import nltk  # noqa: F401
     if tokenizer == "jieba":
-        pytest.importorskip("jieba")
+        import jieba  # noqa: F401
     pairs = _pairs(seed=11 + n_refs, n_refs=n_refs)
     expected = []
     for pred, refs in pairs:
@@ -376,7 +376,7 @@ def test_score_by_task(metric):
 
 
 def test_score_by_task_loads_metric_and_jieba():
-    pytest.importorskip("jieba")
+    import jieba  # noqa: F401
     records = [
         {"task": "CT", "prediction": "右肺上叶见结节，T2WI呈高信号。", "references": ["右肺上叶见小结节，T2WI呈稍高信号。"]},
         {"task": "X-ray", "prediction": "双肺纹理清晰，心影大小正常。", "references": ["双肺纹理清晰，心影大小正常。"]},

@@ -11,7 +11,6 @@ Both stream the weights one tensor at a time with the machinery of `original.py`
 """
 
 import os
-from pathlib import Path
 
 import torch
 
@@ -20,8 +19,8 @@ from ..processing.processing_qilin import VICUNA_V1_CHAT_TEMPLATE
 from .llava import llava_config_from_qilin, qilin_config_from_llava
 from .original import (
     DEFAULT_MAX_SHARD_SIZE,
-    INV_FREQ_REASON,
     IMAGE_TOKEN,
+    INV_FREQ_REASON,
     ConversionError,
     ConversionReport,
     KeyRule,
@@ -59,7 +58,8 @@ HF_DOWNLOAD_PATTERNS = [
 # `vision_tower.vision_model.*`), 4.52+ (`model.language_model.*`, `model.vision_tower.vision_model.*`) and 5.x
 # (`model.vision_tower.*` without the `vision_model` level).
 LLAVA_HF_IMPORT_RULES = (
-    drop(r"(language_model\.model|model\.language_model)\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", INV_FREQ_REASON),
+    drop(r"(language_model\.model|model\.language_model)\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+         INV_FREQ_REASON),
     drop(r"(model\.)?vision_tower\.(vision_model\.)?embeddings\.position_ids", "CLIP position_ids buffer"),
     KeyRule(r"language_model\.lm_head\.(.+)", r"lm_head.\1"),
     KeyRule(r"language_model\.model\.(.+)", r"model.language_model.\1"),
@@ -78,7 +78,7 @@ LLAVA_HF_EXPORT_RULES = (
 )
 
 
-def _stream(files, rules, origin, writer, report, bar, dtype, rename_expected=None):
+def _stream(files, rules, origin, writer, report, bar, dtype):
     """Maps every tensor of `files` through `rules` into `writer`; an unknown key is an error."""
     for path in files:
         for key, tensor in iter_tensors(path):
@@ -119,7 +119,7 @@ def convert_llava_hf(
     folder = resolve_checkpoint(source, HF_DOWNLOAD_PATTERNS)
     raw = _read_json(folder / "config.json")
     if raw.get("model_type") != "llava" or "text_config" not in raw:
-        raise ConversionError(f"{source} is not a transformers llava-hf checkpoint (model_type 'llava' with text_config)")
+        raise ConversionError(f"{source} is not a llava-hf checkpoint (model_type 'llava' with a text_config)")
     if raw.get("text_config", {}).get("model_type", "llama") != "llama":
         raise ConversionError(f"Only Llama language models are supported, got {raw['text_config']['model_type']!r}")
     config = qilin_config_from_llava(LlavaConfig.from_pretrained(folder))
@@ -256,7 +256,7 @@ def add_cli(modes) -> None:
     )
     parser.add_argument("source", help="llava-hf folder or Hub repo id, e.g. llava-hf/llava-1.5-7b-hf")
     parser.add_argument("output", help="folder to create")
-    parser.add_argument("--dtype", default="auto", help="output dtype: auto (the checkpoint's), bfloat16, float16, float32")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     add_common_arguments(parser)
     parser.set_defaults(handler=_run_import)
 

@@ -18,7 +18,7 @@ import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,9 +71,12 @@ class ConversionReport:
     output: str | None = None
 
     def summary(self) -> str:
-        lines = [f"{len(self.mapped)} tensors mapped, {len(self.dropped)} dropped on purpose, {len(self.missing)} missing"]
+        lines = [
+            f"{len(self.mapped)} tensors mapped, {len(self.dropped)} dropped on purpose, {len(self.missing)} missing"
+        ]
         reasons: dict[str, int] = {}
         for reason in self.dropped.values():
+            reason = re.sub(r" \([^()]*\)$", "", reason)  # per-tensor details stay in the JSON report
             reasons[reason] = reasons.get(reason, 0) + 1
         lines += [f"  dropped x{count}: {reason}" for reason, count in sorted(reasons.items())]
         lines += [f"  changed {key}: {how}" for key, how in sorted(self.created.items())]
@@ -310,9 +313,9 @@ class _PendingTensor:
     tensor: torch.Tensor
     dtype: torch.dtype
 
-    @property
-    def nbytes(self) -> int:
-        return self.tensor.numel() * self.dtype.itemsize
+    def __post_init__(self):
+        self.nbytes = self.tensor.numel() * self.dtype.itemsize
+        self.shape = list(self.tensor.shape)
 
 
 def write_safetensors(path: Path, tensors: list[_PendingTensor], metadata: dict | None = None) -> None:
@@ -322,7 +325,7 @@ def write_safetensors(path: Path, tensors: list[_PendingTensor], metadata: dict 
     for item in tensors:
         header[item.key] = {
             "dtype": SAFETENSORS_DTYPES[item.dtype],
-            "shape": list(item.tensor.shape),
+            "shape": item.shape,
             "data_offsets": [offset, offset + item.nbytes],
         }
         offset += item.nbytes
@@ -336,6 +339,9 @@ def write_safetensors(path: Path, tensors: list[_PendingTensor], metadata: dict 
             data = item.tensor.to(item.dtype).contiguous()
             if data.numel():
                 handle.write(data.reshape(-1).view(torch.uint8).numpy().data)
+            # Let go at once: a memory-mapped source file is unmapped when its last tensor is written, so resident
+            # pages stay near one source shard however large the output shard.
+            item.tensor = data = None
 
 
 class ShardWriter:
@@ -558,7 +564,8 @@ def qilin_config_from_original(
         raise ConversionError(f"mm_vision_select_feature {select_feature!r} is not supported (patch or cls_patch)")
     if original.get("mm_hidden_size") not in (None, vision_config["hidden_size"]):
         raise ConversionError(
-            f"mm_hidden_size {original['mm_hidden_size']} does not match the CLIP tower's {vision_config['hidden_size']}"
+            f"mm_hidden_size {original['mm_hidden_size']} does not match the CLIP tower's "
+            f"{vision_config['hidden_size']}"
         )
     text_config = {"model_type": "llama", **{k: text_source[k] for k in TEXT_CONFIG_FIELDS if k in text_source}}
     text_config.setdefault("num_key_value_heads", text_config.get("num_attention_heads"))
@@ -650,9 +657,12 @@ def _ignored_files(folder: Path, read: Iterable[Path]) -> list[str]:
     )
 
 
-def _compare(tensor: torch.Tensor, reference: torch.Tensor) -> str:
+def _compare(tensor: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+    """"identical" or how two tensors differ, compared in the output `dtype` (what would be written)."""
     if tensor.shape != reference.shape:
         return f"shape {tuple(tensor.shape)} vs {tuple(reference.shape)}"
+    if dtype is not None and tensor.is_floating_point():
+        tensor, reference = tensor.to(dtype), reference.to(dtype)
     difference = (tensor.float() - reference.float()).abs().max().item() if tensor.numel() else 0.0
     return "identical" if difference == 0 else f"differs, max |diff| {difference:.3g}"
 
@@ -709,10 +719,14 @@ def convert_original(
         if not llm_files:
             raise ConversionError(f"{base_model} holds no weights")
     elif base_model is not None:
-        raise ConversionError(f"{source} already holds language-model weights; base_model is only for projector-only releases")
+        raise ConversionError(
+            f"{source} already holds language-model weights; base_model is only for projector-only releases"
+        )
     # LLaVA pads to a square only for "pad"; "square" (or none) is CLIP's plain resize + centre crop.
     if original.get("image_aspect_ratio") not in (None, "pad", "square"):
-        raise ConversionError(f"image_aspect_ratio {original['image_aspect_ratio']!r} is not supported (pad or square)")
+        raise ConversionError(
+            f"image_aspect_ratio {original['image_aspect_ratio']!r} is not supported (pad or square)"
+        )
     do_pad = original.get("image_aspect_ratio") == "pad" or not original
     text_source = _read_json(llm_folder / "config.json") if llm_origin == "base" else original
     if "hidden_size" not in text_source:
@@ -728,7 +742,12 @@ def convert_original(
     tokenizer_folder = source_folder if any(
         (source_folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")
     ) else llm_folder
-    tokenizer = prepare_tokenizer(load_original_tokenizer(tokenizer_folder))
+    tokenizer = load_original_tokenizer(tokenizer_folder)
+    # Training truncated at tokenizer_model_max_length (LLaVA's --model_max_length, 2048 for Qilin-Med-VL).
+    max_length = original.get("tokenizer_model_max_length")
+    if not max_length and tokenizer.model_max_length > 10**8:  # transformers' "no limit"
+        max_length = text_source.get("max_position_embeddings")
+    tokenizer = prepare_tokenizer(tokenizer, max_length)
     source_rows = int(text_source.get("vocab_size", 32000))
     rows = round_up(max(source_rows, len(tokenizer)), vocab_multiple)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -748,7 +767,9 @@ def convert_original(
     config = qilin_config_from_original(
         original, text_source, vision_config, rows, image_token_id, tokenizer.pad_token_id
     )
-    target_dtype = dtype_from_name(None if dtype == "auto" else dtype) or _source_dtype(original) or _source_dtype(text_source)
+    target_dtype = (
+        dtype_from_name(None if dtype == "auto" else dtype) or _source_dtype(original) or _source_dtype(text_source)
+    )
     expected = expected_state_dict_shapes(config)
     grown = {"model.language_model.embed_tokens.weight", "lm_head.weight"}
 
@@ -763,7 +784,9 @@ def convert_original(
                 target_dtype = tensor.dtype  # no torch_dtype in the config: keep the weights' own
             if target in grown:
                 if tensor.shape[0] != source_rows:
-                    raise ConversionError(f"{source_key} has {tensor.shape[0]} rows, the config says {source_rows}", report)
+                    raise ConversionError(
+                        f"{source_key} has {tensor.shape[0]} rows, the config says {source_rows}", report
+                    )
                 if rows > tensor.shape[0]:
                     report.created[target] = f"rows {tensor.shape[0]} -> {rows}, new rows = mean of the existing rows"
                 tensor = grow_rows(tensor, rows)
@@ -781,15 +804,19 @@ def convert_original(
                 if target is None:
                     report.dropped[source_key] = reason
                 elif target.startswith("model.vision_tower."):
-                    clip_matched, clip_key = _clip_key_for(target, clip_weights)
-                    verdict = _compare(tensor, clip_weights.get(clip_key)) if clip_matched else "absent from CLIP"
+                    clip_key = _clip_key_for(target, clip_weights)
+                    verdict = (
+                        _compare(tensor, clip_weights.get(clip_key), target_dtype) if clip_key else "absent from CLIP"
+                    )
                     report.dropped[source_key] = (
-                        f"embedded CLIP copy, ignored by the original loader; the vision tower comes from {clip} ({verdict})"
+                        "embedded CLIP copy, which the original loader ignored; the vision tower comes from the CLIP "
+                        f"checkpoint ({verdict})"
                     )
                 elif target in projector_pending:
                     other_key, other = projector_pending.pop(target)
                     report.dropped[other_key] = (
-                        f"mm_projector.bin duplicates the projector in the shards, which win ({_compare(other, tensor)})"
+                        "mm_projector.bin duplicates the projector in the shards, which win "
+                        f"({_compare(other, tensor, target_dtype)})"
                     )
                     emit(source_key, target, tensor)
                 else:
@@ -823,7 +850,8 @@ def convert_original(
         save_remote_code_and_config(staging, config)
         processor = build_processor(tokenizer, config, _read_json(clip_folder / "preprocessor_config.json"), do_pad)
         processor.save_pretrained(staging)
-        build_generation_config(_read_json(source_folder / "generation_config.json"), tokenizer).save_pretrained(staging)
+        generation_source = _read_json(source_folder / "generation_config.json")
+        build_generation_config(generation_source, tokenizer).save_pretrained(staging)
     report.ignored_files = _ignored_files(source_folder, read_files) + (
         _ignored_files(llm_folder, read_files) if llm_folder != source_folder else []
     )
@@ -831,13 +859,10 @@ def convert_original(
     return report
 
 
-def _clip_key_for(target: str, clip_weights: LazyCheckpoint) -> tuple[bool, str | None]:
+def _clip_key_for(target: str, clip_weights: LazyCheckpoint) -> str | None:
     """The CLIP checkpoint key that fills `target` (`model.vision_tower.X`): `vision_model.X` or plain `X`."""
     suffix = target.removeprefix("model.vision_tower.")
-    for candidate in (f"vision_model.{suffix}", suffix):
-        if candidate in clip_weights:
-            return True, candidate
-    return False, None
+    return next((key for key in (f"vision_model.{suffix}", suffix) if key in clip_weights), None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -847,7 +872,7 @@ def _clip_key_for(target: str, clip_weights: LazyCheckpoint) -> tuple[bool, str 
 
 def add_common_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="replace the output folder if it exists")
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="output shard size limit (default 5GB)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="output shard limit (default 5GB)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--report", help="also write the conversion report (every source tensor) to this JSON file")
 
@@ -882,9 +907,9 @@ def add_cli(modes) -> None:
     )
     parser.add_argument("source", help="folder or Hub repo id of the original release")
     parser.add_argument("output", help="folder to create")
-    parser.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP vision checkpoint, folder or repo id (default {DEFAULT_CLIP})")
+    parser.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP checkpoint, folder or repo id ({DEFAULT_CLIP})")
     parser.add_argument("--base-model", help="LLaMA checkpoint for a projector-only release (mm_projector.bin only)")
-    parser.add_argument("--dtype", default="auto", help="output dtype: auto (the release's, bf16), bfloat16, float16, float32")
+    parser.add_argument("--dtype", default="auto", help="auto (the release's: bf16), bfloat16, float16 or float32")
     add_common_arguments(parser)
     parser.set_defaults(handler=_run)
 

@@ -4,6 +4,7 @@ per task in a table shaped like the HiA paper's Table 1 (markdown + JSON)."""
 
 import json
 import os
+import sys
 
 import torch
 from tqdm.auto import tqdm
@@ -69,6 +70,13 @@ def evaluate_file(model, processor, data_path, output_dir, image_root=".", batch
 
 
 def main(args) -> int:
+    if args.benchmark:
+        from .vqa import run_benchmark
+
+        return run_benchmark(args)
+    if not args.data:
+        print("error: evaluate needs --data (a test file) or --benchmark", file=sys.stderr)
+        return 2
     from ..loading import load_model_and_processor
 
     model, processor = load_model_and_processor(args.model, args.adapter, args.device)
@@ -82,7 +90,7 @@ def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="generate answers for a test file and score BLEU-4/METEOR per task")
     parser.add_argument("--model", required=True)
     parser.add_argument("--adapter", help='"hia" (the model\'s hia/ subfolder) or an adapter folder')
-    parser.add_argument("--data", required=True, help="test JSON/JSONL in the training format")
+    parser.add_argument("--data", help="test JSON/JSONL in the training format (or use --benchmark)")
     parser.add_argument("--image-root", default=".")
     parser.add_argument("--output-dir", default="evaluation")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -91,4 +99,7 @@ def add_cli(subparsers) -> None:
                         help="how Chinese text is split into tokens for BLEU/METEOR (default: characters)")
     parser.add_argument("--name", help="row name in the table")
     parser.add_argument("--device", help='device_map, e.g. "cpu", "cuda:0", "auto"')
+    from .vqa import add_benchmark_arguments
+
+    add_benchmark_arguments(parser)
     parser.set_defaults(handler=main)

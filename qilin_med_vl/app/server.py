@@ -1,0 +1,660 @@
+# Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
+"""The web demo for comparative reading: a Gradio app (`qilin-med-vl app`, or `app.py` as a Hub Space).
+
+Upload 1 to 4 images (PNG, JPEG, DICOM), pick a task preset or type a question, read the streamed answer and, with
+HiA on, one heatmap per image of where its instruction-aware queries looked on the high-resolution view. The model
+is loaded once and shared by all visitors; requests that need it wait in one queue.
+
+The inference part (`ModelManager`, `LoadedModel`, `read_images`) does not need Gradio; `build_app` does
+(`pip install 'qilin-med-vl[app]'`).
+"""
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ..demo import DEMO_MODEL_DIR, NOT_FOR_CLINICAL_USE
+from .heatmap import heatmap_overlays
+from .prompts import (
+    FREE_TEXT,
+    MAX_IMAGES,
+    TASKS,
+    AppInputError,
+    build_messages,
+    check_num_images,
+    check_question,
+    image_caption,
+    preset_prompt,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 128
+# Thumbnails and heatmaps are drawn on copies at most this large; the model always gets the full image.
+DISPLAY_MAX_SIDE = 768
+MAX_UPLOAD_SIZE = "200mb"
+GRADIO_MISSING_MESSAGE = "The web demo needs Gradio: pip install 'qilin-med-vl[app]'"
+APP_NOTICE = "注意：输出仅供研究演示，不可用于临床诊断或治疗决策。 (Outputs are a research demo, not for clinical use.)"
+QUANTIZATION_CHOICES = (("无 · none", "none"), ("8-bit", "8bit"), ("4-bit", "4bit"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UploadedImage:
+    """One uploaded file as the model gets it (`image`: 8-bit RGB, DICOM already windowed) and as it is shown."""
+
+    name: str
+    image: Image.Image
+    note: str = ""
+
+    @property
+    def display(self) -> Image.Image:
+        return display_copy(self.image)
+
+
+def display_copy(image: Image.Image, max_side: int = DISPLAY_MAX_SIDE) -> Image.Image:
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def read_image(path: str | os.PathLike, name: str | None = None) -> UploadedImage:
+    """Read one uploaded file. DICOM goes through `dicom_to_uint8`, the windowing the processor applies, so the
+    thumbnail is exactly what the model sees; a multi-frame DICOM gives its first frame. Anything unreadable raises
+    `AppInputError` naming the file (by its upload name, not the temporary path)."""
+    from ..processing.image_loading_qilin import ImageLoadingError, dicom_to_uint8, is_dicom_file, load_image
+
+    path = os.fspath(path)
+    name = name or os.path.basename(path)
+    try:
+        if is_dicom_file(path):
+            import pydicom
+
+            dataset = pydicom.dcmread(path, force=True)
+            frames = int(dataset.get("NumberOfFrames") or 1)
+            pixels = dicom_to_uint8(dataset, frame=0 if frames > 1 else None)
+            image = Image.fromarray(pixels).convert("RGB")
+            note = f"帧 1/{frames} · frame 1 of {frames}" if frames > 1 else "DICOM"
+            return UploadedImage(name, image, note)
+        return UploadedImage(name, load_image(path))
+    except ImportError as error:
+        raise AppInputError(f"无法读取 {name}：{error} (cannot read {name}: {error})") from None
+    except Exception as error:  # ImageLoadingError, pydicom's own errors, truncated files...
+        detail = str(error).replace(path, name)
+        if not isinstance(error, ImageLoadingError):
+            detail = f"{type(error).__name__}: {detail}"
+        raise AppInputError(f"无法读取文件 {name}。 (Cannot read {name}: {detail})") from None
+
+
+def read_images(paths) -> list[UploadedImage]:
+    """The uploaded files in order; `AppInputError` for none, more than `MAX_IMAGES`, or an unreadable one."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths or [])
+    check_num_images(len(paths))
+    return [read_image(path) for path in paths]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model, shared by all requests
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load: a folder or repo id, an adapter (`"hia"` = the model's `hia/` subfolder), quantization."""
+
+    model: str = str(DEMO_MODEL_DIR)
+    adapter: str | None = None
+    quantization: str | None = None  # None, "8bit" or "4bit"
+    device: str | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def create(cls, model=None, adapter="auto", quantization=None, device=None, dtype=None) -> "ModelSpec":
+        model = (model or "").strip() or str(DEMO_MODEL_DIR)
+        if adapter == "auto":
+            adapter = "hia" if (Path(model) / "hia" / "adapter_config.json").is_file() else None
+        quantization = None if quantization in (None, "", "none") else quantization
+        if quantization not in (None, "8bit", "4bit"):
+            raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+        return cls(model, (adapter or "").strip() or None, quantization, device or None, dtype or None)
+
+    @property
+    def is_demo(self) -> bool:
+        return Path(self.model).resolve() == DEMO_MODEL_DIR.resolve()
+
+
+def quantization_available() -> bool:
+    """8-bit / 4-bit loading is offered when bitsandbytes is installed and a CUDA GPU is present."""
+    try:
+        import importlib.util
+
+        import torch
+
+        return importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+@dataclass
+class StreamUpdate:
+    """One step of a streamed answer: the text so far, and the heatmaps once the prompt has been read (None while
+    not yet known, an empty list with HiA off)."""
+
+    text: str
+    heatmaps: list[Image.Image] | None = None
+    done: bool = False
+
+
+class LoadedModel:
+    """A model and its processor; `stream` generates one answer at a time (a lock serialises callers, since the
+    HiA switch is a property of the shared model)."""
+
+    def __init__(self, spec: ModelSpec):
+        from ..loading import load_model_and_processor
+
+        self.spec = spec
+        self.model, self.processor = load_model_and_processor(
+            spec.model, spec.adapter, spec.device, spec.dtype,
+            load_in_4bit=spec.quantization == "4bit", load_in_8bit=spec.quantization == "8bit",
+        )
+        self.lock = threading.Lock()
+        self.has_adapter = spec.adapter is not None
+        # HiA layers mark themselves; another adapter type (LoRA) can be switched off but draws no heatmaps.
+        self.has_hia = self.has_adapter and any(getattr(module, "hia_active", False)
+                                                for module in self.model.modules())
+
+    def max_length(self) -> int:
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        limits = [getattr(text_config, "max_position_embeddings", None), self.processor.tokenizer.model_max_length]
+        return min(int(limit) for limit in limits if limit and limit < 10**9)
+
+    def render_prompt(self, messages: list[dict]) -> str:
+        """The prompt text as the model reads it, with one `<image>` per image."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def build_inputs(self, messages: list[dict], max_new_tokens: int):
+        limit = self.max_length()
+        try:
+            inputs = self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                processor_kwargs={"max_length": limit},
+            )
+        except ValueError as error:
+            if "over the limit" not in str(error):
+                raise
+            found = re.search(r"is (\d+) tokens long", str(error))
+            length = f"{found.group(1)} 个 token，" if found else ""
+            raise AppInputError(
+                f"提示过长：{length}上限 {limit}（每张图片占 {self.processor.image_seq_length} 个 token）。请缩短问题、"
+                f"减少图片或开始新对话。 (Prompt too long for the model: {error})"
+            ) from None
+        length = inputs["input_ids"].shape[1]
+        if length + max_new_tokens > limit:
+            raise AppInputError(
+                f"对话过长：提示 {length} 个 token，加上最多 {max_new_tokens} 个新 token 超过上限 {limit}。请开始新对话"
+                f"或减少生成长度。 (Prompt too long: {length} prompt tokens + {max_new_tokens} new tokens exceed the "
+                f"model's {limit}; start a new chat or lower the number of new tokens.)"
+            )
+        return inputs.to(self.model.device)
+
+    def stream(self, images: list[Image.Image], messages: list[dict], use_hia: bool = True,
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, display_images: list[Image.Image] | None = None
+               ) -> Iterator[StreamUpdate]:
+        """Greedy answer to `messages` (built by `build_messages`), streamed. With HiA on, the first update that
+        knows them carries one heatmap per image, drawn on `display_images` (default: `images`)."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        display_images = display_images or images
+        use_hia = use_hia and self.has_adapter
+        inputs = self.build_inputs(messages, max_new_tokens)
+        tokenizer = self.processor.tokenizer
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                import torch
+
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        captured = []
+
+        def capture(module, args, output):
+            attentions = getattr(output, "hia_attentions", None)
+            if attentions is not None and not captured:
+                captured.append(([a.detach().float().cpu().numpy() for a in attentions], output.hia_grid_size))
+
+        result = {}
+
+        def generate():
+            try:
+                kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                              stopping_criteria=StoppingCriteriaList([_Stop()]))
+                if use_hia and self.has_hia:
+                    kwargs["output_hia_attentions"] = True
+                result["ids"] = self.model.generate(**inputs, **kwargs)
+            except BaseException as error:  # re-raised in the caller's thread
+                result["error"] = error
+                streamer.end()
+
+        heatmaps = None if use_hia and self.has_hia else []
+
+        def take_heatmaps():
+            nonlocal heatmaps
+            if heatmaps is None and captured:
+                attentions, grid_size = captured[0]
+                heatmaps = heatmap_overlays(display_images, attentions, grid_size)
+
+        with self.lock:
+            hook = self.model.register_forward_hook(capture)
+            switch_off = self.has_adapter and not use_hia
+            if switch_off:
+                self.model.disable_adapters()
+            thread = threading.Thread(target=generate, name="qilin-med-vl-generate", daemon=True)
+            try:
+                thread.start()
+                text = ""
+                for chunk in streamer:
+                    text += chunk
+                    take_heatmaps()
+                    yield StreamUpdate(text, heatmaps)
+                thread.join()
+                if "error" in result:
+                    raise result["error"]
+                answer = tokenizer.decode(result["ids"][0, inputs["input_ids"].shape[1]:],
+                                          skip_special_tokens=True).strip()
+                take_heatmaps()
+                yield StreamUpdate(answer, heatmaps if heatmaps is not None else [], done=True)
+            finally:
+                stop.set()
+                thread.join()
+                hook.remove()
+                if switch_off:
+                    self.model.enable_adapters()
+
+
+class ModelManager:
+    """Holds the one loaded model; `get` loads on first use or when another spec is asked for (the old one is
+    dropped first, so two models never sit in memory together)."""
+
+    def __init__(self, spec: ModelSpec | None = None):
+        self.spec = spec or ModelSpec.create()
+        self._loaded: LoadedModel | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    def get(self, spec: ModelSpec | None = None) -> LoadedModel:
+        with self._lock:
+            spec = spec or self.spec
+            if self._loaded is not None and self._loaded.spec == spec:
+                return self._loaded
+            if spec.is_demo and not (DEMO_MODEL_DIR / "config.json").is_file():
+                raise AppInputError(
+                    "内置演示模型未随本安装提供，请在“模型”中填写本地路径或 Hub repo id。 "
+                    "(The embedded demo model is not in this installation; enter a local path or repo id under Model.)"
+                )
+            if spec.quantization and not quantization_available():
+                raise AppInputError("8/4-bit 需要 bitsandbytes 和 GPU。 (8-bit / 4-bit needs bitsandbytes and a GPU.)")
+            self._loaded = None
+            try:
+                loaded = LoadedModel(spec)
+            except AppInputError:
+                raise
+            except Exception as error:
+                logger.exception("loading %s failed", spec)
+                raise AppInputError(
+                    f"无法加载模型 {spec.model}。 (Cannot load {spec.model}: {type(error).__name__}: {error})"
+                ) from None
+            self._loaded, self.spec = loaded, spec
+            return loaded
+
+    def describe(self) -> str:
+        loaded = self._loaded
+        if loaded is None:
+            return f"模型 · model: `{self.spec.model}`（未加载 · not loaded yet）"
+        spec = loaded.spec
+        name = "内置演示模型 · embedded demo model" if spec.is_demo else f"`{spec.model}`"
+        parts = [f"模型 · model: {name}", f"HiA: {'`' + spec.adapter + '`' if loaded.has_hia else '无 · none'}"]
+        if spec.quantization:
+            parts.append(spec.quantization)
+        return " · ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Page logic (plain functions of the page's values, so they can be tested without a browser)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def error_markdown(message: str) -> str:
+    return f"⚠️ {message}"
+
+
+def thumbnails(images: list[UploadedImage]) -> list[tuple[Image.Image, str]]:
+    return [(item.display, image_caption(index, item.name) + (f" · {item.note}" if item.note else ""))
+            for index, item in enumerate(images)]
+
+
+def heatmap_gallery(heatmaps: list[Image.Image]) -> list[tuple[Image.Image, str]]:
+    return [(image, f"{image_caption(index)} · HiA 注意力 attention") for index, image in enumerate(heatmaps)]
+
+
+def chat_messages(turns: list[tuple[str, str]]) -> list[dict]:
+    messages = []
+    for question, answer in turns:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+@dataclass
+class Conversation:
+    """Per-browser-session state: the files the turns are about and the `(question, answer)` turns so far."""
+
+    files: list[str] = field(default_factory=list)
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+
+def file_paths(files) -> list[str]:
+    if not files:
+        return []
+    files = files if isinstance(files, (list, tuple)) else [files]
+    return [os.fspath(getattr(item, "name", item)) for item in files]
+
+
+def answer_stream(manager: ModelManager, files, question: str, use_hia: bool, max_new_tokens: int,
+                  conversation: Conversation | None) -> Iterator[tuple[list[dict], list, str, Conversation, str]]:
+    """The send button: yields `(chat, heatmaps, status, conversation, prompt)` as the answer streams; `heatmaps` is
+    a gallery value when it changes and None when the page should keep what it shows. Bad input and failures end
+    in a readable status line, never a traceback."""
+    conversation = conversation or Conversation()
+    chat = chat_messages(conversation.turns)
+    try:
+        paths = file_paths(files)
+        if paths != conversation.files:  # new images: a new conversation
+            conversation = Conversation(files=paths)
+            chat = []
+        images = read_images(paths)
+        question = check_question(question)
+        loaded = manager.get()
+        messages = build_messages([item.image for item in images], conversation.turns, question)
+        prompt = loaded.render_prompt(messages)
+        hia_note = ""
+        if use_hia and not loaded.has_hia:
+            hia_note = "此模型未加载 HiA 适配器，无热力图。 (No HiA adapter loaded: no heatmaps.)"
+        elif not use_hia:
+            hia_note = "HiA 已关闭：无热力图。 (HiA off: no heatmaps.)"
+        status = "生成中… · generating…"
+        yield chat + [{"role": "user", "content": question}], [], status, conversation, prompt
+        shown_heatmaps = False
+        for update in loaded.stream([item.image for item in images], messages, use_hia, int(max_new_tokens),
+                                    display_images=[item.display for item in images]):
+            heatmaps = None  # unchanged: the page keeps what it shows
+            if update.heatmaps and not shown_heatmaps:
+                heatmaps, shown_heatmaps = heatmap_gallery(update.heatmaps), True
+            shown = chat + [{"role": "user", "content": question}, {"role": "assistant", "content": update.text}]
+            if update.done:
+                conversation = Conversation(conversation.files, [*conversation.turns, (question, update.text)])
+                status = " ".join(part for part in ("完成 · done.", hia_note) if part)
+            yield shown, heatmaps, status, conversation, prompt
+    except AppInputError as error:
+        yield chat, [], error_markdown(str(error)), conversation, ""
+    except Exception as error:
+        logger.exception("generation failed")
+        yield chat, [], error_markdown(f"出错了 · Something went wrong: {type(error).__name__}: {error}"), \
+            conversation, ""
+
+
+def on_upload(files, task: str, language: str):
+    """New files: thumbnails, a reset conversation, and the preset question re-filled for the new image count.
+    Returns `(thumbnails, status, prompt or None to keep it)`."""
+    paths = file_paths(files)
+    if not paths:
+        return [], "", None
+    try:
+        images = read_images(paths)
+    except AppInputError as error:
+        return [], error_markdown(str(error)), None
+    status = f"已上传 {len(images)} 张图片。 ({len(images)} image(s) ready.)"
+    prompt = None
+    if task and task != FREE_TEXT:
+        try:
+            prompt = preset_prompt(task, len(images), language)
+        except AppInputError as error:
+            status = error_markdown(str(error))
+    return thumbnails(images), status, prompt
+
+
+def on_preset(files, task: str, language: str):
+    """A task preset or the language was chosen: `(prompt or None to keep it, status)`."""
+    if not task or task == FREE_TEXT:
+        return None, ""
+    try:
+        return preset_prompt(task, len(file_paths(files)), language), ""
+    except AppInputError as error:
+        return None, error_markdown(str(error))
+
+
+def on_load_model(manager: ModelManager, model: str, adapter: str, quantization: str):
+    """The load button: `(model status, HiA checkbox value)`."""
+    try:
+        spec = ModelSpec.create(model, adapter="auto" if (adapter or "").strip() == "auto" else adapter,
+                                quantization=quantization, device=manager.spec.device, dtype=manager.spec.dtype)
+        loaded = manager.get(spec)
+    except AppInputError as error:
+        return error_markdown(str(error)), False
+    return manager.describe(), loaded.has_hia
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Gradio page
+# ----------------------------------------------------------------------------------------------------------------
+
+CSS = """
+#notice {border: 2px solid #d97706; background: #fffbeb; border-radius: 8px; padding: 6px 12px; color: #7c2d12;}
+#notice p {margin: 0; font-weight: 600;}
+#status p {margin: 0;}
+"""
+
+
+def build_app(manager: ModelManager | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+    """The Gradio Blocks page around `manager` (default: the embedded demo model, HiA on). Launch it with
+    `launch(demo)` or `demo.launch(**launch_kwargs())`."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    manager = manager or ModelManager()
+    spec = manager.spec
+    with gr.Blocks(title="Qilin-Med-VL · HiA 对比阅片", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
+        gr.Markdown("# Qilin-Med-VL · HiA 对比阅片演示\nComparative reading with Qilin-Med-VL and the HiA "
+                    "high-resolution adapter. 上传 1–4 张图片（PNG / JPEG / DICOM），选择任务或自由提问。")
+        gr.Markdown(NOT_FOR_CLINICAL_USE if spec.is_demo else APP_NOTICE, elem_id="notice")
+        conversation = gr.State(Conversation())
+        with gr.Row():
+            with gr.Column(scale=2):
+                upload = gr.File(label=f"上传图片 · Upload 1–{MAX_IMAGES} images (PNG / JPEG / DICOM)",
+                                 file_count="multiple", type="filepath", elem_id="upload", height=140)
+                gallery = gr.Gallery(label="图片（提示中的顺序）· Images, in prompt order", columns=MAX_IMAGES,
+                                     height=230, object_fit="contain", elem_id="thumbnails", interactive=False,
+                                     allow_preview=True)
+                heatmaps = gr.Gallery(label="HiA 注意力热力图 · where HiA looked (high-resolution view)",
+                                      columns=MAX_IMAGES, height=230, object_fit="contain", elem_id="heatmaps",
+                                      interactive=False)
+                with gr.Accordion("模型 · Model", open=False):
+                    model_box = gr.Textbox(label="本地路径或 repo id · local folder or Hub repo id",
+                                           value=spec.model, elem_id="model-path")
+                    adapter_box = gr.Textbox(label='适配器 · adapter ("hia" = the model\'s hia/ folder; empty = none)',
+                                             value=spec.adapter or "", elem_id="model-adapter")
+                    quantization = gr.Radio(QUANTIZATION_CHOICES, value=spec.quantization or "none",
+                                            label="量化 · quantization (bitsandbytes + GPU)",
+                                            visible=quantization_available())
+                    load_button = gr.Button("加载 · Load", elem_id="load-model")
+                    model_status = gr.Markdown(manager.describe(), elem_id="model-status")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    language = gr.Radio([("中文", "zh"), ("English", "en")], value="zh", label="语言 · Language",
+                                        elem_id="language", scale=1)
+                    task = gr.Radio([(label, key) for key, label in TASKS], value=FREE_TEXT,
+                                    label="任务 · Task preset", elem_id="preset", scale=3)
+                prompt = gr.Textbox(label="问题 · Question", lines=3, elem_id="prompt",
+                                    placeholder="例如：第一张和第二张分别是患者治疗前后的影像，请对比两张图片。")
+                with gr.Row():
+                    use_hia = gr.Checkbox(value=spec.adapter is not None, label="HiA 高分辨率适配器 · HiA on",
+                                          elem_id="hia-switch")
+                    tokens = gr.Slider(8, 512, value=max_new_tokens, step=8, label="最多生成 token · max new tokens")
+                with gr.Row():
+                    send = gr.Button("发送 · Send", variant="primary", elem_id="send")
+                    clear = gr.Button("新对话 · New chat", elem_id="clear")
+                status = gr.Markdown("", elem_id="status")
+                chatbot = gr.Chatbot(label="回答 · Answer", height=380, elem_id="chat", render_markdown=False,
+                                     buttons=["copy"], feedback_options=None)
+                with gr.Accordion("发送给模型的提示 · Prompt as the model reads it", open=False):
+                    prompt_view = gr.Textbox(show_label=False, lines=4, interactive=False, elem_id="prompt-view")
+
+        def _keep(value):
+            return gr.update() if value is None else value
+
+        def upload_changed(files, task_value, language_value):
+            thumbs, message, question = on_upload(files, task_value, language_value)
+            return thumbs, message, _keep(question), [], [], Conversation(file_paths(files)), ""
+
+        upload.change(upload_changed, [upload, task, language],
+                      [gallery, status, prompt, chatbot, heatmaps, conversation, prompt_view],
+                      concurrency_limit=None, show_progress="minimal")
+
+        def preset_changed(files, task_value, language_value):
+            question, message = on_preset(files, task_value, language_value)
+            return _keep(question), message
+
+        for control in (task, language):
+            control.change(preset_changed, [upload, task, language], [prompt, status], concurrency_limit=None,
+                           show_progress="hidden")
+
+        def send_clicked(files, question, hia_value, tokens_value, state):
+            for chat, maps, message, state, rendered in answer_stream(manager, files, question, hia_value,
+                                                                       tokens_value, state):
+                yield chat, _keep(maps), message, state, rendered
+
+        send_inputs = [upload, prompt, use_hia, tokens, conversation]
+        send_outputs = [chatbot, heatmaps, status, conversation, prompt_view]
+        for trigger in (send.click, prompt.submit):
+            trigger(send_clicked, send_inputs, send_outputs, concurrency_id="model", concurrency_limit=1)
+
+        clear.click(lambda files: ([], [], "", Conversation(file_paths(files)), ""), [upload],
+                    [chatbot, heatmaps, status, conversation, prompt_view], concurrency_limit=None)
+
+        load_button.click(lambda *values: on_load_model(manager, *values), [model_box, adapter_box, quantization],
+                          [model_status, use_hia], concurrency_id="model", concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    return demo
+
+
+def launch_kwargs(host: str = "127.0.0.1", port: int | None = None) -> dict:
+    """Offline, no share link, no tracebacks in the page."""
+    import gradio as gr
+
+    return dict(server_name=host, server_port=port, share=False, show_error=False, ssr_mode=False,
+                max_file_size=MAX_UPLOAD_SIZE, theme=gr.themes.Default(), css=CSS, footer_links=[],
+                mcp_server=False, pwa=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def serve(args) -> int:
+    """`qilin-med-vl app`: load the model, then serve the page until interrupted (Ctrl-C or SIGTERM). Uploads live
+    in a temporary directory that is removed on exit."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print(GRADIO_MISSING_MESSAGE, file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
+    adapter = None if args.no_adapter else (args.adapter or "auto")
+    spec = ModelSpec.create(args.model, adapter, quantization, args.device, args.dtype)
+    manager = ModelManager(spec)
+    try:
+        manager.get()
+    except AppInputError as error:
+        if not spec.is_demo:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"warning: {error}", file=sys.stderr)  # the page explains it and offers the model box
+    print(NOT_FOR_CLINICAL_USE if spec.is_demo else APP_NOTICE, file=sys.stderr)
+    print(manager.describe().replace("`", ""), file=sys.stderr)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    with tempfile.TemporaryDirectory(prefix="qilin-med-vl-app-") as upload_dir:
+        os.environ["GRADIO_TEMP_DIR"] = upload_dir
+        print(f"uploads: {upload_dir} (removed on exit)", file=sys.stderr, flush=True)
+        try:
+            demo = build_app(manager, max_new_tokens=args.max_new_tokens)
+            demo.launch(**launch_kwargs(args.host, args.port))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    print("server stopped; uploads removed", file=sys.stderr, flush=True)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", help="local folder or Hub repo id (default: the embedded demo model)")
+    parser.add_argument("--adapter", help='adapter: "hia" (the model\'s hia/ subfolder) or a folder / repo id '
+                        "(default: hia when the model folder has one)")
+    parser.add_argument("--no-adapter", action="store_true", help="serve the base model without HiA")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 to serve the network)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--device", help='device or device_map ("cpu", "cuda:0", "auto")')
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (needs a GPU)")
+    quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (needs a GPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.set_defaults(handler=serve)
+    return parser
+
+
+def add_cli(subparsers) -> None:
+    """Add `qilin-med-vl app` to the command line."""
+    add_arguments(subparsers.add_parser(
+        "app", help="the web demo: upload images, stream answers, HiA heatmaps (needs qilin-med-vl[app])"))
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="qilin-med-vl app", description=__doc__.split("\n\n")[0]))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":  # python -m qilin_med_vl.app.server
+    sys.exit(main())
