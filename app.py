@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from qilin_med_vl.app.server import main  # noqa: E402
+from qilin_med_vl.app.server import main  # noqa: E402  (after the sys.path line)
 
 if __name__ == "__main__":
     sys.exit(main())

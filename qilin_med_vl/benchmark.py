@@ -367,6 +367,19 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+class DispatchedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operators a call dispatches: a noise-free view of the work two implementations do."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
 def _status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as handle:
@@ -446,7 +459,7 @@ def time_prefill(model, inputs, synchronize=None) -> float:
         return time.perf_counter() - start
 
 
-def time_generate(model, inputs, new_tokens: int, synchronize=None) -> dict:
+def time_generate(model, inputs, new_tokens: int, synchronize=None, **generate_kwargs) -> dict:
     """Greedy generation of exactly `new_tokens` tokens; returns the prefill time inside `generate` and the list of
     decode-step times."""
     from transformers import LogitsProcessorList
@@ -455,7 +468,7 @@ def time_generate(model, inputs, new_tokens: int, synchronize=None) -> dict:
     with torch.inference_mode():
         start = time.perf_counter()
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=0, logits_processor=LogitsProcessorList([timer]))
+                       pad_token_id=0, logits_processor=LogitsProcessorList([timer]), **generate_kwargs)
     stamps = timer.stamps
     return {"prefill": stamps[0] - start, "steps": [b - a for a, b in zip(stamps, stamps[1:])]}
 
@@ -623,7 +636,7 @@ def _in_subprocess(fn, *args):
 
 
 def time_models(models: dict, inputs: dict, repeats: int, warmup: int, new_tokens: int = 0, prefill: bool = True,
-                synchronize=None) -> dict:
+                synchronize=None, max_rounds: int | None = None) -> dict:
     """Interleaved timing of several models. `inputs` maps each model name to its inputs. Per round and model: one
     prefill forward and/or one `generate` of `new_tokens` tokens. Returns per model the lists (one entry per round)
     of prefill seconds and of the median decode-step seconds of that round."""
@@ -639,7 +652,7 @@ def time_models(models: dict, inputs: dict, repeats: int, warmup: int, new_token
                 out["generate_prefill"] = generation["prefill"]
             return out
         runners[name] = run
-    rounds = interleave(runners, repeats, warmup)
+    rounds = interleave(runners, repeats, warmup, max_rounds)
     out = {name: {key: [r[key] for r in rounds[name]] for key in rounds[name][0]} for name in models}
     out["_rounds"] = rounds["_rounds"]
     return out
@@ -658,6 +671,45 @@ def _ms(values) -> dict:
     return {k: (v * 1e3 if k != "n" else v) for k, v in summarize(values).items()}
 
 
+def overhead_microbenchmark(calls: int = 500, rounds: int = 2) -> dict:
+    """Framework overhead, ours vs Llava, on an overhead-bound model (hidden 64, 6 layers, 56 px): the minimum over
+    `rounds` x `calls` decode steps and `rounds` x `calls` / 3 prefills, the two models alternating call by call. The
+    minimum is what a shared machine inflates least."""
+    config = bench_config(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, vision_hidden_size=32,
+                          vision_layers=1, vision_heads=2, image_size=56)
+    ours = build_model(config)
+    models = {"qilin": ours, "llava": llava_twin(ours)}
+    inputs = make_inputs(config, 1, 20)
+    best = {name: {"decode_step_us": float("inf"), "prefill_us": float("inf")} for name in models}
+    with torch.inference_mode():
+        caches = {name: m(**inputs, use_cache=True, logits_to_keep=1).past_key_values for name, m in models.items()}
+
+        def step(name):
+            start = time.perf_counter()
+            models[name](input_ids=torch.tensor([[5]]), past_key_values=caches[name], use_cache=True, logits_to_keep=1)
+            elapsed = time.perf_counter() - start
+            caches[name].crop(-1)
+            return elapsed
+
+        def prefill(name):
+            start = time.perf_counter()
+            models[name](**inputs, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - start
+
+        # Alternate the two models call by call, so that both see the same machine.
+        for _ in range(rounds):
+            for _ in range(calls):
+                for name in models:
+                    best[name]["decode_step_us"] = min(best[name]["decode_step_us"], step(name) * 1e6)
+            for _ in range(calls // 3):
+                for name in models:
+                    best[name]["prefill_us"] = min(best[name]["prefill_us"], prefill(name) * 1e6)
+    return {
+        "models": best,
+        "ratios_ours_over_theirs": {key: best["qilin"][key] / best["llava"][key] for key in best["qilin"]},
+    }
+
+
 def run_llava_comparison(repeats: int = 15, warmup: int = 2, new_tokens: int = 32, num_images: int = 1,
                          text_tokens: int = 48, config_kwargs: dict | None = None, log=print) -> dict:
     config = bench_config(**(config_kwargs or {}))
@@ -671,10 +723,32 @@ def run_llava_comparison(repeats: int = 15, warmup: int = 2, new_tokens: int = 3
             theirs.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0),
         )
     models = {"qilin": ours, "llava": theirs}
+    operator_counts = {}
+    for name, model in models.items():
+        with torch.inference_mode():
+            with DispatchedOps() as prefill_ops:
+                out = model(**inputs, use_cache=True, logits_to_keep=1)
+            step = {"input_ids": torch.tensor([[5]]), "past_key_values": out.past_key_values, "use_cache": True,
+                    "logits_to_keep": 1}
+            with DispatchedOps() as decode_ops:
+                model(**step)
+        operator_counts[name] = {"prefill": prefill_ops.counts, "decode_step": decode_ops.counts}
+
+    def only_in(a, b, phase):
+        first, second = operator_counts[a][phase], operator_counts[b][phase]
+        return {op: n - second.get(op, 0) for op, n in first.items() if n > second.get(op, 0)}
+
+    operators = {
+        phase: {"qilin_total": sum(operator_counts["qilin"][phase].values()),
+                "llava_total": sum(operator_counts["llava"][phase].values()),
+                "only_qilin": only_in("qilin", "llava", phase), "only_llava": only_in("llava", "qilin", phase)}
+        for phase in ("prefill", "decode_step")
+    }
     log(f"[llava] hidden={config.text_config.hidden_size} layers={config.text_config.num_hidden_layers} "
         f"vision {config.vision_config.image_size}px; max |logit difference| = {same:.3g}; "
         f"greedy tokens identical: {generated_equal}")
-    times = time_models(models, {name: inputs for name in models}, repeats, warmup, new_tokens)
+    times = time_models(models, {name: inputs for name in models}, repeats, warmup, new_tokens,
+                        max_rounds=2 * repeats)
 
     rows = {}
     for name, model in models.items():
@@ -745,6 +819,8 @@ def run_llava_comparison(repeats: int = 15, warmup: int = 2, new_tokens: int = 3
         "threads": torch.get_num_threads(),
         "max_abs_logit_difference": same,
         "greedy_tokens_identical": generated_equal,
+        "dispatched_operators": operators,
+        "overhead_microbenchmark": overhead_microbenchmark(),
         "models": rows,
         "ratios_ours_over_theirs": ratios,
     }
@@ -806,7 +882,7 @@ def _hia_blocks(model) -> list:
 
     blocks = []
     for module in model.modules():
-        if isinstance(module, HiALayer):
+        if isinstance(module, HiALayer) and not module.disable_adapters:
             for name in module.active_adapters:
                 if name in module.hia:
                     blocks.append(module.hia[name])
@@ -816,7 +892,8 @@ def _hia_blocks(model) -> list:
 def _hia_layer_indices(model) -> list[int]:
     from .modeling.modeling_hia import HiALayer
 
-    return [module.layer_index for module in model.modules() if isinstance(module, HiALayer)]
+    return [module.layer_index for module in model.modules()
+            if isinstance(module, HiALayer) and not module.disable_adapters]
 
 
 def measure_prefill_stages(model, num_images: int, text_tokens: int = 64, vision_size: int | None = None,
@@ -1119,7 +1196,7 @@ def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int =
             if baseline is not None and baseline_tokens <= max_baseline_tokens:
                 models["baseline"] = baseline
                 inputs["baseline"] = make_inputs(baseline_config, count, text_tokens)
-            times = time_models(models, inputs, repeats, warmup=0)
+            times = time_models(models, inputs, repeats, warmup=0, max_rounds=repeats)
             cell = {
                 "high_res_size": size,
                 "num_images": count,
@@ -1162,11 +1239,21 @@ def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int =
             hia_for_decode.generate(**make_inputs(config, 2, text_tokens, decode_size), max_new_tokens=4,
                                     min_new_tokens=4, do_sample=False, pad_token_id=0)
         handle.remove()
+        decode_operators = {}
+        for name, model, model_inputs in (("base", base, make_inputs(config, 2, text_tokens)),
+                                          ("hia", hia_for_decode, make_inputs(config, 2, text_tokens, decode_size))):
+            with torch.inference_mode():
+                out = model(**model_inputs, use_cache=True, logits_to_keep=1)
+                with DispatchedOps() as ops:
+                    model(input_ids=torch.tensor([[5]]), past_key_values=out.past_key_values, use_cache=True,
+                          logits_to_keep=1)
+            decode_operators[name] = sum(ops.counts.values())
         for count in decode_images:
             models = {"base": base, "hia": hia_for_decode}
             inputs = {"base": make_inputs(config, count, text_tokens),
                       "hia": make_inputs(config, count, text_tokens, decode_size)}
-            times = time_models(models, inputs, decode_repeats, warmup=1, new_tokens=new_tokens, prefill=False)
+            times = time_models(models, inputs, decode_repeats, warmup=1, new_tokens=new_tokens, prefill=False,
+                                max_rounds=2 * decode_repeats)
             ratio = paired_ratio(times["hia"]["decode_step"], times["base"]["decode_step"])
             decode.append({
                 "high_res_size": decode_size,
@@ -1181,7 +1268,7 @@ def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int =
                 f"(p25 {ratio['p25']:.3f}, p75 {ratio['p75']:.3f})")
         decode_encoder_calls = len(calls)
     else:
-        decode_encoder_calls = None
+        decode_encoder_calls, decode_operators = None, None
     grid = hia_grid_13b(sizes, image_counts)
     return {
         "cpu_config": {
@@ -1199,6 +1286,7 @@ def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int =
         "peak_memory_2_images": memory,
         "decode": decode,
         "encoder_calls_per_generate": decode_encoder_calls,
+        "decode_step_dispatched_operators": decode_operators,
         "decode_target": {"target": 1.01, "worst_median": max((d["hia_over_base_step_time"]["median"] for d in decode),
                                                                default=None)},
         "grid_13b": grid,
@@ -1278,7 +1366,8 @@ def run_quantization(repeats: int = 5, new_tokens: int = 16, num_images: int = 1
                 "logit_cosine_vs_fp32": torch.nn.functional.cosine_similarity(
                     logits.flatten(), reference_logits.flatten(), dim=0).item(),
             }
-    times = time_models(models, {name: inputs for name in models}, repeats, warmup=1, new_tokens=new_tokens)
+    times = time_models(models, {name: inputs for name in models}, repeats, warmup=1, new_tokens=new_tokens,
+                        max_rounds=repeats + 2)
     for name in models:
         rows[name]["prefill_ms"] = statistics.median(times[name]["prefill"]) * 1e3
         rows[name]["decode_step_ms"] = statistics.median(times[name]["decode_step"]) * 1e3
@@ -1523,6 +1612,24 @@ def run_gpu_suite(precisions=("bf16", "int8", "nf4"), batch_sizes=(1, 8), num_im
                     except Exception as error:
                         variants[label] = {"error": repr(error)}
                     log(f"[gpu] bf16 batch 1 {label}: {variants[label]}")
+                if compile_decode:
+                    # generate() itself: a static cache makes transformers compile the decode step on CUDA.
+                    label = "generate, static cache (transformers auto-compile)"
+                    try:
+                        extra = {"cache_implementation": "static"}
+                        if device.type != "cuda":
+                            from transformers import CompileConfig
+
+                            extra["compile_config"] = CompileConfig()
+                            extra["compile_config"]._compile_all_devices = True
+                        time_generate(base, inputs, 8, synchronize, **extra)  # compile + warm-up
+                        runs = [time_generate(base, inputs, new_tokens, synchronize, **extra) for _ in range(repeats)]
+                        step = statistics.median(statistics.median(run["steps"]) for run in runs)
+                        variants[label] = {"decode_step_ms": step * 1e3, "tokens_per_s": 1 / step,
+                                           "fraction_of_bound": (1 / step) / bound}
+                    except Exception as error:
+                        variants[label] = {"error": repr(error)}
+                    log(f"[gpu] bf16 batch 1 {label}: {variants[label]}")
             record["bandwidth_bound"] = {
                 "weight_bytes_per_token": weights,
                 "kv_bytes_per_token_at_mid_generation": kv,
@@ -1535,3 +1642,385 @@ def run_gpu_suite(precisions=("bf16", "int8", "nf4"), batch_sizes=(1, 8), num_im
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return record
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reports: markdown, JSON, PNG
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ratio_cell(summary) -> str:
+    if summary is None:
+        return "-"
+    if isinstance(summary, dict):
+        return f"{summary['median']:.3f} ({summary['p25']:.3f}-{summary['p75']:.3f})"
+    return f"{summary:.3f}"
+
+
+def markdown_report(results: dict) -> str:
+    lines = [f"# Qilin-Med-VL / HiA benchmarks ({results.get('date')})", ""]
+    machine = results.get("machine", {})
+    lines += [f"Machine: {machine.get('cpu')} ({machine.get('os_cpus')} CPUs, shared with other processes), "
+              f"torch {machine.get('torch')}, transformers {machine.get('transformers')}, peft {machine.get('peft')}; "
+              f"{results.get('threads')} torch thread(s). Command: `{results.get('command')}`", ""]
+
+    if "llava" in results:
+        r = results["llava"]
+        c = r["config"]
+        lines += ["## 1. Same weights: QilinMedVLForConditionalGeneration vs transformers' LlavaForConditionalGeneration",
+                  "",
+                  f"Config: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, MLP {c['intermediate_size']}, "
+                  f"vocab {c['vocab_size']}, {c['vision']}, {c['attn_implementation']}, {c['dtype']}, "
+                  f"{c['parameters'] / 1e6:.1f} M parameters; prompt {c['prompt_tokens']} tokens "
+                  f"({c['num_images']} image), {c['new_tokens']} new tokens. Max |logit difference| "
+                  f"{r['max_abs_logit_difference']:.2g}; greedy tokens identical: {r['greedy_tokens_identical']}. "
+                  f"Rounds: {r['rounds']}.", "",
+                  "| metric | Qilin | Llava | ours / theirs: median of per-round ratios (p25-p75) | target <= 1.02 |",
+                  "|---|---|---|---|---|"]
+        q, l, ratios = r["models"]["qilin"], r["models"]["llava"], r["ratios_ours_over_theirs"]
+        rows = [
+            ("prefill latency (ms)", q["prefill_ms"]["median"], l["prefill_ms"]["median"], ratios["prefill_latency"]),
+            ("decode step (ms/token)", q["decode_step_ms"]["median"], l["decode_step_ms"]["median"],
+             ratios["decode_step_time"]),
+            ("decode tokens/s", q["decode_tokens_per_s"], l["decode_tokens_per_s"], None),
+            ("prefill inside generate (ms)", q["generate_prefill_ms"]["median"], l["generate_prefill_ms"]["median"],
+             ratios["generate_prefill_latency"]),
+            ("peak tensor bytes, prefill (MB)", q["peak_prefill_tensor_bytes"] / 1e6,
+             l["peak_prefill_tensor_bytes"] / 1e6, ratios["peak_prefill_tensor_bytes"]),
+            ("peak tensor bytes, generate 8 tokens (MB)", q["peak_generate_tensor_bytes"] / 1e6,
+             l["peak_generate_tensor_bytes"] / 1e6, ratios["peak_generate_tensor_bytes"]),
+            ("RSS high-water growth, prefill (MB)", (q["rss_peak_delta_prefill_bytes"] or 0) / 1e6,
+             (l["rss_peak_delta_prefill_bytes"] or 0) / 1e6, ratios["rss_peak_delta_prefill"]),
+            ("parameter bytes (MB)", q["parameter_bytes"] / 1e6, l["parameter_bytes"] / 1e6, ratios["parameter_bytes"]),
+        ]
+        for name, a, b, ratio in rows:
+            if ratio is None and name == "decode tokens/s":
+                ratio_text, met = f"{b / a:.3f} (theirs/ours tokens/s)", "yes" if b / a <= 1.02 else "no"
+            else:
+                ratio_text = _ratio_cell(ratio)
+                value = ratio["median"] if isinstance(ratio, dict) else ratio
+                met = "-" if value is None else ("yes" if value <= 1.02 else "no")
+            lines.append(f"| {name} | {a:.2f} | {b:.2f} | {ratio_text} | {met} |")
+        micro = r.get("overhead_microbenchmark")
+        if micro:
+            mq, ml = micro["models"]["qilin"], micro["models"]["llava"]
+            lines += ["", "Framework overhead on an overhead-bound model (hidden 64, 6 layers; minimum over 1000 decode "
+                      f"steps / 333 prefills, the two models alternating call by call): decode step {mq['decode_step_us']:.0f} us (ours) vs "
+                      f"{ml['decode_step_us']:.0f} us (Llava) = {micro['ratios_ours_over_theirs']['decode_step_us']:.3f}; "
+                      f"prefill {mq['prefill_us']:.0f} us vs {ml['prefill_us']:.0f} us = "
+                      f"{micro['ratios_ours_over_theirs']['prefill_us']:.3f}."]
+        ops = r.get("dispatched_operators")
+        if ops:
+            lines += ["", "Dispatched aten operators (deterministic): prefill "
+                      f"{ops['prefill']['qilin_total']} (ours) vs {ops['prefill']['llava_total']} (Llava), "
+                      f"only in ours {ops['prefill']['only_qilin']}, only in Llava {ops['prefill']['only_llava']}; "
+                      f"decode step {ops['decode_step']['qilin_total']} vs {ops['decode_step']['llava_total']}, "
+                      f"only in ours {ops['decode_step']['only_qilin']}, only in Llava "
+                      f"{ops['decode_step']['only_llava']}."]
+        lines += ["", r["method"], ""]
+
+    if "hia" in results:
+        r = results["hia"]
+        lines += ["## 2. HiA's cost", "", f"CPU: {r['cpu_config']['model']}; HiA {r['cpu_config']['hia']}; "
+                  f"baseline: {r['cpu_config']['baseline']}; {r['cpu_config']['text_tokens']} text tokens.", "",
+                  "### Decode step with and without HiA (CPU, measured)", "",
+                  f"HiA's encoder ran {r['encoder_calls_per_generate']} time(s) in one `generate` call (prefill only); "
+                  f"aten operators dispatched by one decode step: {r.get('decode_step_dispatched_operators')}.",
+                  "", "| high-res | images | base ms/token | HiA ms/token | HiA / base (p25-p75) | target <= 1.01 |",
+                  "|---|---|---|---|---|---|"]
+        for d in r["decode"]:
+            ratio = d["hia_over_base_step_time"]
+            lines.append(f"| {d['high_res_size']} | {d['num_images']} | {d['decode_step_ms']['base']:.2f} | "
+                         f"{d['decode_step_ms']['hia']:.2f} | {_ratio_cell(ratio)} | "
+                         f"{'yes' if ratio['median'] <= 1.01 else 'no'} |")
+        lines += ["", "### Prefill (CPU, measured; GFLOPs of the same small config beside)", "",
+                  "| high-res S | images | base ms | HiA ms | HiA / base | baseline (ViT at S) ms | baseline / base | "
+                  "GFLOPs base / HiA / baseline |", "|---|---|---|---|---|---|---|---|"]
+        for cell in r["prefill"]:
+            ms = cell["prefill_ms"]
+            g = cell["gflops"]
+            lines.append(
+                f"| {cell['high_res_size']} | {cell['num_images']} | {ms['base']:.0f} | {ms['hia']:.0f} | "
+                f"{cell['hia_over_base']:.2f} | {_fmt(ms.get('baseline'), 0) if 'baseline' in ms else 'not timed'} | "
+                f"{_fmt(cell.get('baseline_over_base'), 2)} | {g['base']:.1f} / {g['hia']:.1f} / {g['baseline']:.1f} |")
+        grid = r["grid_13b"]
+        target = grid["target_672px_2_images"]
+        lines += ["", f"### 13B configuration (exact arithmetic; {grid['text_tokens']} text tokens)", "",
+                  f"Target: HiA prefill FLOPs at 672 px with two images within 10% of the base model's: "
+                  f"{target['hia_tflops']:.2f} T vs {target['base_tflops']:.2f} T = **{target['hia_over_base']:.3f}** "
+                  f"({'met' if target['met'] else 'not met'}). Decode FLOPs per token are identical with and without "
+                  "HiA (it does not run after prefill).", "",
+                  "| S | images | base TFLOPs | HiA TFLOPs (encoder + blocks) | HiA / base | baseline TFLOPs | "
+                  "baseline / base | KV cache GiB base = HiA / baseline |", "|---|---|---|---|---|---|---|---|"]
+        for c in grid["cells"]:
+            lines.append(
+                f"| {c['high_res_size']} | {c['num_images']} | {c['base_tflops']:.2f} | {c['hia_tflops']:.2f} "
+                f"({c['hia_encoder_tflops']:.2f} + {c['hia_blocks_tflops']:.2f}) | {c['hia_over_base']:.3f} | "
+                f"{c['baseline_tflops']:.1f} | {c['baseline_over_base']:.2f} | "
+                f"{c['kv_cache_gib_base_and_hia']:.2f} / {c['kv_cache_gib_baseline']:.2f} |")
+        if r.get("peak_memory_2_images"):
+            lines += ["", "Peak tensor bytes of a 2-image prefill on CPU (MB): " + "; ".join(
+                f"{m['high_res_size']} px: base {m['base_peak_tensor_bytes'] / 1e6:.0f}, HiA "
+                f"{m['hia_peak_tensor_bytes'] / 1e6:.0f}" + (f", baseline {m['baseline_peak_tensor_bytes'] / 1e6:.0f}"
+                                                              if "baseline_peak_tensor_bytes" in m else "")
+                for m in r["peak_memory_2_images"])]
+        lines.append("")
+
+    if "table3" in results:
+        r = results["table3"]
+        ref = r["reference_base_336"]
+        lines += ["## 3. The HiA paper's Table 3 at the 13B configuration (meta device, no weights)", "",
+                  f"{r['config']}; {r['num_images']} images, {r['text_tokens']} text tokens.", "",
+                  f"Base model at 336 px for reference: {ref['flops_meta_counter'] / 1e12:.2f} TFLOPs, "
+                  f"{ref['total_bytes_fused_attention'] / 2**30:.2f} GiB (fused attention).", "",
+                  "| Res. | FLOPs T, ours: baseline / HiA | MACs T, ours | paper \"FLOPs\" T | memory GiB ours, fused "
+                  "attention | memory GiB ours, eager attention | paper memory GB | paper AVG |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for size, row in r["rows"].items():
+            b, h, p = row["baseline"], row["hia"], row["paper"] or {}
+
+            def pair(values, digits=1):
+                if not values:
+                    return "-"
+                return " / ".join("x" if v is None else f"{v:.{digits}f}" for v in values)
+
+            lines.append(
+                f"| {size} | {b['flops_meta_counter'] / 1e12:.1f} / {h['flops_meta_counter'] / 1e12:.2f} | "
+                f"{b['flops_meta_counter'] / 2e12:.1f} / {h['flops_meta_counter'] / 2e12:.2f} | "
+                f"{pair(p.get('tflops'))} | "
+                f"{b['total_bytes_fused_attention'] / 2**30:.1f} / {h['total_bytes_fused_attention'] / 2**30:.1f} | "
+                f"{b['total_bytes_eager_attention'] / 2**30:.1f} / {h['total_bytes_eager_attention'] / 2**30:.1f} | "
+                f"{pair(p.get('memory'))} | {pair(p.get('avg'))} |")
+        lines += ["", r["method"], ""]
+
+    if "validation" in results:
+        v = results["validation"]
+        lines += ["## Cross-checks on a small real CPU model", "",
+                  "| model | FLOPs: FlopCounterMode on the real forward / stage replay / arithmetic (G) | "
+                  "peak tensor bytes: stage replay / real forward |", "|---|---|---|"]
+        for label, row in v.items():
+            lines.append(f"| {label} | {row['real_forward_flops'] / 1e9:.4f} / {row['staged_flops'] / 1e9:.4f} / "
+                         f"{row['analytic_flops'] / 1e9:.4f} | {row['peak_ratio_staged_over_real']:.3f} |")
+        lines.append("")
+
+    if "quant" in results:
+        r = results["quant"]
+        lines += ["## 4. bitsandbytes 8-bit / 4-bit vs bf16 / fp32 (CPU)", "", f"{r['config']}. {r['method']}.", "",
+                  "| variant | get_memory_footprint (MB) | arithmetic (MB) | prefill ms | decode tokens/s | "
+                  "logit cosine vs fp32 | 13B footprint, same arithmetic (GiB) |", "|---|---|---|---|---|---|---|"]
+        for name, row in r["variants"].items():
+            if "error" in row:
+                lines.append(f"| {name} | failed: {row['error']} | | | | | |")
+                continue
+            lines.append(f"| {name} | {row['memory_footprint_bytes'] / 1e6:.1f} | "
+                         f"{row['expected_footprint_bytes'] / 1e6:.1f} | {row['prefill_ms']:.0f} | "
+                         f"{row['decode_tokens_per_s']:.1f} | {min(row['logit_cosine_vs_fp32'], 1.0):.4f} | "
+                         f"{r['footprint_13b_gib'][name]:.2f} |")
+        lines.append("")
+
+    if "gpu" in results:
+        g = results["gpu"]
+        lines += ["## 5. GPU (13B, random weights)", ""]
+        if g.get("skipped"):
+            lines += [g["reason"], ""]
+        else:
+            lines += [f"{g['date']}, {g['device']}, copy bandwidth {g['copy_bandwidth_gb_s']:.0f} GB/s"
+                      + (" (SMOKE TEST, not a GPU figure)" if g.get("smoke_test") else ""), "",
+                      "| precision | HiA | batch | prefill ms | decode tokens/s | peak GPU memory GiB |",
+                      "|---|---|---|---|---|---|"]
+            for row in g["rows"]:
+                if "error" in row:
+                    lines.append(f"| {row['precision']} | {row.get('hia')} | {row.get('batch_size')} | "
+                                 f"error: {row['error']} | | |")
+                    continue
+                peak = row.get("peak_memory_bytes")
+                lines.append(f"| {row['precision']} | {row['hia']} | {row['batch_size']} | {row['prefill_ms']:.1f} | "
+                             f"{row['decode_tokens_per_s']:.1f} | {_fmt(peak / 2**30 if peak else None, 2)} |")
+            bound = g.get("bandwidth_bound")
+            if bound:
+                lines += ["", f"bf16 batch-1 decode bound: {bound['weight_bytes_per_token'] / 1e9:.2f} GB weights + "
+                          f"{bound['kv_bytes_per_token_at_mid_generation'] / 1e9:.3f} GB KV per token -> "
+                          f"{bound['bound_tokens_per_s']:.1f} tokens/s (target 70%)", ""]
+                for label, v in bound["variants"].items():
+                    lines.append(f"- {label}: " + (f"{v['tokens_per_s']:.1f} tokens/s = "
+                                                   f"{100 * v['fraction_of_bound']:.0f}% of bound"
+                                                   if "error" not in v else f"error {v['error']}"))
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_report(results: dict, path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = [k for k in ("table3", "hia") if k in results]
+    if not panels:
+        return None
+    figure, axes = plt.subplots(1, 3 if "hia" in results and "table3" in results else 2, figsize=(16, 4.6))
+    axes = list(axes)
+    if "table3" in results:
+        r = results["table3"]
+        sizes = [int(s) for s in r["rows"]]
+        rows = list(r["rows"].values())
+        ax = axes.pop(0)
+        ax.plot(sizes, [row["baseline"]["flops_meta_counter"] / 1e12 for row in rows], "o-", label="baseline (ViT at S), ours")
+        ax.plot(sizes, [row["hia"]["flops_meta_counter"] / 1e12 for row in rows], "s-", label="HiA at S, ours")
+        ax.plot(sizes, [row["baseline"]["flops_meta_counter"] / 2e12 for row in rows], "o:", color="C0", alpha=0.5,
+                label="baseline, ours in MACs")
+        ax.plot(sizes, [row["hia"]["flops_meta_counter"] / 2e12 for row in rows], "s:", color="C1", alpha=0.5,
+                label="HiA, ours in MACs")
+        ax.plot(sizes, [(row["paper"] or {}).get("tflops", (None,))[0] for row in rows], "x--", color="C0",
+                label="baseline, paper")
+        ax.plot(sizes, [(row["paper"] or {}).get("tflops", (None, None))[1] for row in rows], "+--", color="C1",
+                label="HiA, paper")
+        ax.set_xlabel("resolution S (px)")
+        ax.set_ylabel("prefill TFLOPs (2 images)")
+        ax.set_title("13B: prefill compute vs resolution")
+        ax.legend(fontsize=7)
+        ax = axes.pop(0)
+        ax.plot(sizes, [row["baseline"]["total_bytes_fused_attention"] / 2**30 for row in rows], "o-",
+                label="baseline, fused attention")
+        ax.plot(sizes, [row["baseline"]["total_bytes_eager_attention"] / 2**30 for row in rows], "o:",
+                label="baseline, eager attention")
+        ax.plot(sizes, [row["hia"]["total_bytes_fused_attention"] / 2**30 for row in rows], "s-", label="HiA, fused")
+        ax.plot(sizes, [(row["paper"] or {}).get("memory", (None,))[0] for row in rows], "x--", color="C0",
+                label="baseline, paper (GB)")
+        ax.plot(sizes, [(row["paper"] or {}).get("memory", (None, None))[1] for row in rows], "+--", color="C2",
+                label="HiA, paper (GB)")
+        ax.set_xlabel("resolution S (px)")
+        ax.set_ylabel("GiB (parameters + inputs + activations)")
+        ax.set_title("13B bf16: inference memory vs resolution")
+        ax.legend(fontsize=7)
+    if "hia" in results and axes:
+        r = results["hia"]
+        ax = axes.pop(0)
+        two = [c for c in r["prefill"] if c["num_images"] == 2]
+        if two:
+            sizes = [c["high_res_size"] for c in two]
+            ax.plot(sizes, [c["prefill_ms"]["base"] for c in two], "^-", label="base (no HiA)")
+            ax.plot(sizes, [c["prefill_ms"]["hia"] for c in two], "s-", label="HiA")
+            timed = [c for c in two if "baseline" in c["prefill_ms"]]
+            ax.plot([c["high_res_size"] for c in timed], [c["prefill_ms"]["baseline"] for c in timed], "o-",
+                    label="baseline (ViT at S)")
+        ax.set_xlabel("resolution S (px)")
+        ax.set_ylabel("prefill ms, 2 images (CPU, small config)")
+        ax.set_title("CPU measured prefill")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_reports(results: dict, out_dir: str, stem: str = "cpu_suite") -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, f"{stem}.json"), "markdown": os.path.join(out_dir, f"{stem}.md")}
+    with open(paths["json"], "w") as handle:
+        json.dump(results, handle, indent=1, default=str)
+    with open(paths["markdown"], "w") as handle:
+        handle.write(markdown_report(results) + "\n")
+    png = plot_report(results, os.path.join(out_dir, f"{stem}.png"))
+    if png:
+        paths["png"] = png
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line: `qilin-med-vl bench`, `python benchmarks/run_cpu_suite.py`, `python benchmarks/bench_gpu.py`
+# ---------------------------------------------------------------------------------------------------------------------
+
+CPU_SUITES = ("llava", "hia", "table3", "validate", "quant")
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suites", default=",".join(CPU_SUITES),
+                        help=f"comma-separated CPU suites to run, of {', '.join(CPU_SUITES)} (default: all)")
+    parser.add_argument("--gpu", action="store_true", help="run the GPU suite instead (skipped without CUDA)")
+    parser.add_argument("--gpu-smoke-test", action="store_true",
+                        help="with --gpu: run the GPU suite's code on CPU with a small config (plumbing only)")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output folder")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: steadier on a shared machine)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and cells (a smoke run, not for numbers)")
+    parser.add_argument("--date", default=None, help="date to record (default: today)")
+
+
+def bench_command(args) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    date = args.date or datetime.date.today().isoformat()
+    command = "qilin-med-vl bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    results = {"date": date, "machine": machine_description(), "threads": torch.get_num_threads(), "command": command}
+    started = time.perf_counter()
+    if args.gpu:
+        record = run_gpu_suite(allow_cpu=args.gpu_smoke_test, small=args.gpu_smoke_test,
+                               **({"new_tokens": 8, "repeats": 1, "batch_sizes": (1, 2)} if args.gpu_smoke_test else {}))
+        record["date"] = date if record.get("skipped") or not args.date else args.date
+        results["gpu"] = record
+        stem = "gpu_smoke_test" if args.gpu_smoke_test else "gpu"
+    else:
+        suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+        unknown = set(suites) - set(CPU_SUITES)
+        if unknown:
+            print(f"unknown suites: {sorted(unknown)}", file=sys.stderr)
+            return 2
+        quick = args.quick
+        for suite in suites:
+            t = time.perf_counter()
+            if suite == "llava":
+                results["llava"] = run_llava_comparison(**({"repeats": 4, "new_tokens": 16} if quick else {}))
+            elif suite == "hia":
+                results["hia"] = run_hia_cost(**({"sizes": (336, 672), "image_counts": (1, 2), "repeats": 1,
+                                                  "decode_repeats": 2, "decode_images": (1,)} if quick else {}))
+            elif suite == "table3":
+                results["table3"] = run_table3()
+            elif suite == "validate":
+                results["validation"] = validate_stage_composition()
+            elif suite == "quant":
+                results["quant"] = run_quantization(**({"repeats": 2, "new_tokens": 8} if quick else {}))
+            results.setdefault("seconds", {})[suite] = time.perf_counter() - t
+        stem = "cpu_suite"
+    results["total_seconds"] = time.perf_counter() - started
+    paths = write_reports(results, args.out, stem)
+    print(markdown_report(results))
+    print("\nwrote " + ", ".join(paths.values()))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """`qilin-med-vl bench`: the CPU benchmark suite (or `--gpu`)."""
+    parser = subparsers.add_parser(
+        "bench", help="benchmarks: vs transformers' Llava, HiA's cost, the HiA paper's Table 3 at 13B, quantization",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    parser.set_defaults(handler=bench_command)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="qilin-med-vl bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    return bench_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.chimed_vl import add_cli as add_convert_chimed_vl
 
     add_convert_chimed_vl(commands)
+    from .conversion import add_cli as add_convert
+    from .hub import add_cli as add_push
+
+    add_convert(commands)
+    add_push(commands)
     return parser
 
 

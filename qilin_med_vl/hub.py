@@ -183,7 +183,11 @@ def assemble_repo(
     readme = render_model_card(card, repo_id, base_model)
     with staged_output(output, force) as staging:
         for path in sorted(model.iterdir()):
-            if path.is_file() and path.name not in SKIPPED_MODEL_FILES and not path.name.startswith("."):
+            if path.name in SKIPPED_MODEL_FILES or path.name.startswith(".") or path.name == ADAPTER_SUBFOLDER:
+                continue
+            if path.is_dir():  # e.g. additional_chat_templates/
+                shutil.copytree(path, staging / path.name)
+            else:
                 shutil.copy2(path, staging / path.name)
         if has_adapter:
             (staging / ADAPTER_SUBFOLDER).mkdir()

@@ -33,7 +33,6 @@ from qilin_med_vl.app.prompts import (
     preset_prompt,
 )
 from qilin_med_vl.app.server import (
-    Conversation,
     LoadedModel,
     ModelManager,
     ModelSpec,
@@ -152,7 +151,8 @@ def test_messages_put_the_images_in_the_first_turn_in_order(processor):
     assert messages[0]["content"][3] == {"type": "text", "text": "描述第一张。"}
     assert messages[2]["content"] == [{"type": "text", "text": "第二张呢？"}]
     rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert "USER: <image>\n<image>\n<image>\n描述第一张。 ASSISTANT: 第一张可见骨折。</s>USER: 第二张呢？ ASSISTANT:" in rendered
+    assert ("USER: <image>\n<image>\n<image>\n描述第一张。 ASSISTANT: 第一张可见骨折。</s>"
+            "USER: 第二张呢？ ASSISTANT:") in rendered
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     assert inputs["pixel_values"].shape[0] == 3
@@ -335,15 +335,14 @@ def files(folder):
 
 def test_streamed_answer_equals_direct_generation_with_hia_and_heatmaps(manager, model_folder):
     updates = list(answer_stream(manager, files(model_folder), COMPARE, True, 12, None))
-    chat, heatmaps, status, conversation, prompt = updates[-1]
+    chat, _, status, conversation, prompt = updates[-1]
     expected = direct_answer(model_folder, "hia", COMPARE, 12)
     assert expected and chat[-1] == {"role": "assistant", "content": expected}
     assert chat[-2] == {"role": "user", "content": COMPARE}
     assert status == "完成 · done." and conversation.turns == [(COMPARE, expected)]
     assert prompt.count("<image>") == 2
     shown = [item for update in updates if update[1] for item in update[1]]
-    assert [caption for _, caption in shown] == ["第一张 · Image 1 · HiA 注意力 attention",
-                                                 "第二张 · Image 2 · HiA 注意力 attention"]
+    assert [caption for _, caption in shown] == ["第一张 · Image 1 · HiA", "第二张 · Image 2 · HiA"]
     assert [image.size for image, _ in shown] == [(40, 30), (30, 44)]
     texts = [update[0][-1]["content"] for update in updates[1:]]
     assert len(texts) > 2 and all(expected.startswith(text.strip()) for text in texts[:-1])  # it streamed
@@ -358,7 +357,8 @@ def test_heatmaps_come_from_the_prompt_pass_of_generation(manager, model_folder)
     with torch.no_grad():
         output = loaded.model(**inputs, output_hia_attentions=True)
     direct = heatmap_overlays(images, [layer.numpy() for layer in output.hia_attentions], output.hia_grid_size)
-    for ours, theirs in zip(streamed, direct):
+    assert len(streamed) == len(direct) == 2
+    for ours, theirs in zip(streamed, direct, strict=True):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
@@ -384,6 +384,17 @@ def test_hia_switch_gives_the_base_model_then_hia_again(manager, model_folder):
         loaded.model.enable_adapters()
     on = final(answer_stream(manager, files(model_folder), COMPARE, True, 12, None))
     assert on[0][-1]["content"] == direct_answer(model_folder, "hia", COMPARE, 12)
+
+
+def test_a_visitor_leaving_mid_answer_stops_generation_and_restores_hia(manager, model_folder):
+    loaded = manager.get()
+    images = [load_image(path) for path in files(model_folder)]
+    stream = loaded.stream(images, build_messages(images, [], COMPARE), use_hia=False, max_new_tokens=400)
+    next(stream), next(stream)
+    assert loaded.lock.locked() and not loaded.model.model.has_active_hia()
+    stream.close()  # what Gradio does when the page goes away
+    assert not loaded.lock.locked() and loaded.model.model.has_active_hia()
+    assert not any(thread.name == "qilin-med-vl-generate" for thread in threading.enumerate())
 
 
 def test_multi_turn_keeps_the_images_and_new_images_start_over(manager, model_folder):
@@ -424,7 +435,8 @@ def test_processor_token_limit_is_reported(model_folder):
 
 
 def test_concurrent_requests_wait_for_each_other(manager, model_folder):
-    expected = {True: direct_answer(model_folder, "hia", COMPARE, 10), False: direct_answer(model_folder, None, COMPARE, 10)}
+    expected = {use_hia: direct_answer(model_folder, "hia" if use_hia else None, COMPARE, 10)
+                for use_hia in (True, False)}
     results = {}
 
     def ask(index, use_hia):
@@ -452,7 +464,7 @@ def test_upload_and_preset_handlers(model_folder, tmp_path):
 
 
 def test_model_manager_messages(tmp_path, monkeypatch):
-    import qilin_med_vl.app.server as server
+    from qilin_med_vl.app import server
 
     monkeypatch.setattr(server, "DEMO_MODEL_DIR", tmp_path / "demo_model")
     spec = ModelSpec(model=str(tmp_path / "demo_model"))

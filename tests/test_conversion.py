@@ -34,10 +34,10 @@ from qilin_med_vl.conversion import (
 from qilin_med_vl.conversion.original import ShardWriter, parse_size, staged_output, write_safetensors
 from qilin_med_vl.testing import tiny_model
 
-from conftest import random_image
+from qilin_med_vl.testing import random_image
 
-spm = pytest.importorskip("sentencepiece", reason="converting a SentencePiece tokenizer needs sentencepiece")
-pytest.importorskip("google.protobuf", reason="transformers reads tokenizer.model through protobuf")
+import google.protobuf  # noqa: E402,F401  (transformers reads tokenizer.model through protobuf)
+import sentencepiece as spm  # noqa: E402
 
 PROMPT = "A chat between a curious user and an artificial intelligence assistant. USER: <image>\n请描述这张图片。 ASSISTANT:"
 CORPUS = (
@@ -240,6 +240,9 @@ def test_converted_folder_layout_config_and_dtype(converted):
     shards = sorted(name for name in files if name.endswith(".safetensors"))
     assert len(shards) > 1 and all(name.startswith("model-") and "-of-" in name for name in shards)
     assert not any(name.startswith(".") or "partial" in name for name in os.listdir(output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert output.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0o700
     config = json.loads((output / "config.json").read_text())
     assert config["model_type"] == "qilin_med_vl" and config["dtype"] == "bfloat16"
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_qilin_med_vl.QilinMedVLForConditionalGeneration"
@@ -467,6 +470,15 @@ def test_export_to_transformers_llava_for_vllm(tmp_path, processor):
     assert report.mapped["qilin:lm_head.weight"] == "language_model.lm_head.weight"
     assert report.mapped["qilin:model.vision_tower.pre_layrnorm.weight"] == "vision_tower.vision_model.pre_layrnorm.weight"
     assert any(name.startswith("hia/") for name in report.ignored_files)
+    # Files transformers 4.x (pinned by the vLLM / SGLang releases of its time) reads as well as 5.x.
+    config = json.loads((tmp_path / "llava" / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] and config["text_config"]["rope_theta"] == 10000.0
+    tokenizer_config = json.loads((tmp_path / "llava" / "tokenizer_config.json").read_text())
+    assert "<image>" in tokenizer_config["additional_special_tokens"]
+    assert not isinstance(tokenizer_config.get("extra_special_tokens", {}), list) and "auto_map" not in tokenizer_config
+    image_processor = json.loads((tmp_path / "llava" / "preprocessor_config.json").read_text())
+    assert image_processor["image_processor_type"] == "LlavaImageProcessor" and image_processor["do_pad"] is True
+    assert not any(name.endswith(".py") for name in os.listdir(tmp_path / "llava"))
     with safe_open(tmp_path / "llava" / "model.safetensors", framework="pt") as handle:
         keys = set(handle.keys())
     assert keys == {report.mapped[f"qilin:{key}"] for key in model.state_dict()}
@@ -519,14 +531,16 @@ def test_cli_convert_and_export(release, clip_folder, tmp_path, capsys):
 def test_safetensors_writer_round_trips_every_dtype(tmp_path):
     from safetensors.torch import load_file
 
-    from qilin_med_vl.conversion.original import _PendingTensor
+    from qilin_med_vl.conversion.original import _load_safetensors, _PendingTensor
 
     tensors = {"bf16": torch.randn(3, 5).to(torch.bfloat16), "f32": torch.randn(7), "i64": torch.arange(6).view(2, 3),
                "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6)[:, ::2]}
     write_safetensors(tmp_path / "x.safetensors", [_PendingTensor(k, v, v.dtype) for k, v in tensors.items()])
     loaded = load_file(tmp_path / "x.safetensors")
+    mapped = _load_safetensors(tmp_path / "x.safetensors")  # the converters' zero-copy reader
     for key, value in tensors.items():
         assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+        assert mapped[key].dtype == value.dtype and torch.equal(mapped[key], value), key
     writer = ShardWriter(tmp_path, max_shard_bytes=parse_size("100B"))
     writer.add("a", torch.zeros(20))  # 80 bytes
     writer.add("b", torch.zeros(20))  # would pass 100: new shard
@@ -561,8 +575,8 @@ PEAK_MEMORY = textwrap.dedent(
 
 
 def test_streamed_conversion_peak_memory_stays_near_one_shard(tmp_path, clip_folder):
-    """A 4-shard, 41 MiB release written as half-size output shards: the resident set grows by about one input
-    shard (memory-mapped) plus one output shard's worth of pending tensors, never by the model's size."""
+    """A 4-shard, 41 MiB release written as ONE output shard: the resident set grows by about one input shard (the
+    memory-mapped file being written), never by the output shard's or the model's size."""
     source = tmp_path / "big"
     train_sentencepiece(source)
     big_text = {**TEXT, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8,
@@ -604,7 +618,7 @@ def test_streamed_conversion_peak_memory_stays_near_one_shard(tmp_path, clip_fol
     shard_bytes = total / shards
     result = subprocess.run(
         [sys.executable, "-c", PEAK_MEMORY, str(source), str(tmp_path / "out"), os.getcwd(), str(clip_folder),
-         str(int(shard_bytes / 2))],
+         "5GB"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -612,4 +626,4 @@ def test_streamed_conversion_peak_memory_stays_near_one_shard(tmp_path, clip_fol
     growth = usage["peak"] - usage["before"]
     print(f"model {total / 2**20:.1f} MiB, shard {shard_bytes / 2**20:.1f} MiB, peak growth {growth / 2**20:.1f} MiB "
           f"= {growth / shard_bytes:.2f} shards")
-    assert growth < 1.75 * shard_bytes and growth < 0.5 * total
+    assert growth < 1.5 * shard_bytes and growth < 0.4 * total

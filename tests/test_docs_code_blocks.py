@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import random_image
+from qilin_med_vl.testing import random_image
 from test_hub import build_model_with_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +128,7 @@ def test_extractor_reads_blocks_and_no_test_markers(tmp_path):
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=[str(path.relative_to(ROOT)) for path in DOCUMENTS])
 def test_document_code_blocks_run(document, tiny_repo, tmp_path):
-    pydicom_data = pytest.importorskip("pydicom.data")
+    import pydicom.data as pydicom_data
     runnable = [block for block in BLOCKS[document] if not block.skip_reason]
     if not runnable:
         pytest.skip(f"{document.name} has no runnable python block")

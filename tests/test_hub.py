@@ -18,7 +18,7 @@ from qilin_med_vl.modeling.configuration_hia import HiAConfig
 from qilin_med_vl.modeling.modeling_hia import HiABlock
 from qilin_med_vl.testing import tiny_model, tiny_processor
 
-from conftest import random_image
+from qilin_med_vl.testing import random_image
 
 COMMIT = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 QUESTION = "USER: <image>\n<image>\n第一张和第二张分别是治疗前后的图片，请对比两张图片。 ASSISTANT:"
@@ -65,8 +65,11 @@ def assembled(model_folder, tmp_path_factory):
     return assemble_repo(folder, output, repo_id="test-org/Qilin-Med-VL-HiA-tiny")
 
 
-def test_assembled_folder_has_everything_a_hub_load_needs(assembled):
+def test_assembled_folder_has_everything_a_hub_load_needs(assembled, model_folder):
     files = {path.relative_to(assembled).as_posix() for path in assembled.rglob("*") if path.is_file()}
+    source = model_folder[0]
+    source_files = {path.relative_to(source).as_posix() for path in source.rglob("*") if path.is_file()}
+    assert source_files - files == {"hia/README.md"}  # all of the model, subfolders included
     assert {"README.md", "config.json", "model.safetensors", "generation_config.json", "processor_config.json",
             "chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "configuration_qilin_med_vl.py",
             "modeling_qilin_med_vl.py", "modeling_hia.py", "configuration_hia.py", "high_resolution_encoder_hia.py",

@@ -32,8 +32,13 @@ VARIANTS = {  # name -> extra `train --stage hia` flags
 TASK_ORDER = ["description", "disease", "location", "comparative"]
 
 
+def finished(output_dir) -> bool:
+    """A stage whose output already holds trained weights is not run again (rerunning the script resumes)."""
+    return any((Path(output_dir) / name).is_file() for name in ("model.safetensors", "adapter_model.safetensors"))
+
+
 def run(command, log_path):
-    """Run one CLI command, teeing its output to a log file; returns the wall time in seconds."""
+    """Run one CLI command, writing its output to a log file; returns the wall time in seconds."""
     print("$", " ".join(map(str, command)), flush=True)
     start = time.time()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -50,9 +55,9 @@ def main():
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--validation", type=int, default=200)
     parser.add_argument("--test", type=int, default=400)
-    parser.add_argument("--align-steps", type=int, default=300)
-    parser.add_argument("--instruct-steps", type=int, default=800)
-    parser.add_argument("--hia-steps", type=int, default=400)
+    parser.add_argument("--align-steps", type=int, default=200)
+    parser.add_argument("--instruct-steps", type=int, default=400)
+    parser.add_argument("--hia-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-data", action="store_true", help="reuse an existing data folder")
@@ -80,21 +85,24 @@ def main():
     characters = "".join(sorted({c for name in ("train.jsonl",) for c in (data / name).read_text(encoding="utf-8")}))
     from qilin_med_vl.demo import build_demo_base_model
 
-    build_demo_base_model(out / "init", characters=characters, seed=args.seed)
+    if not (out / "init" / "model.safetensors").is_file():
+        build_demo_base_model(out / "init", characters=characters, seed=args.seed)
 
-    times["align"] = run(cli + ["train", "--stage", "align", "--model", out / "init", "--data", out / "align.jsonl",
+    if not finished(out / "align"):
+        times["align"] = run(cli + ["train", "--stage", "align", "--model", out / "init", "--data", out / "align.jsonl",
                                 "--output-dir", out / "align", "--max-steps", args.align_steps] + common,
-                         logs / "align.log")
-    times["instruct"] = run(cli + ["train", "--stage", "instruct", "--model", out / "align", "--data",
-                                   data / "train.jsonl", "--output-dir", out / "base", "--max-steps",
-                                   args.instruct_steps, "--learning-rate", "5e-4", "--train-vision"] + common,
-                            logs / "instruct.log")
+                             logs / "align.log")
+    if not finished(out / "base"):
+        times["instruct"] = run(cli + ["train", "--stage", "instruct", "--model", out / "align", "--data",
+                                       data / "train.jsonl", "--output-dir", out / "base", "--max-steps",
+                                       args.instruct_steps, "--learning-rate", "5e-4", "--train-vision"] + common,
+                                logs / "instruct.log")
     hia_common = ["--num-queries", 32, "--num-heads", 4, "--adapter-width", 128, "--encoder-depths", 1, 1, 1, 1,
                   "--encoder-width", 16, "--learning-rate", "1e-3", "--high-res-size", 448]
     results = {}
     for name, flags in [("base", None), *VARIANTS.items()]:
         slug = name.replace("+", "").replace(" ", "_").replace("/", "")
-        if flags is not None:
+        if flags is not None and not finished(out / slug):
             times[name] = run(cli + ["train", "--stage", "hia", "--model", out / "base", "--data",
                                      data / "train.jsonl", "--output-dir", out / slug, "--max-steps", args.hia_steps]
                               + hia_common + flags + common, logs / f"{slug}.log")

@@ -84,7 +84,8 @@ def heatmap_overlays(images: list[Image.Image], attentions, grid_size: tuple[int
     maps = attention_maps(attentions, grid_size)
     if len(maps) != len(images):
         raise ValueError(f"got attentions for {len(maps)} images but {len(images)} images")
-    return [overlay(image, map_to_image(grid_map, image.size), alpha) for image, grid_map in zip(images, maps)]
+    return [overlay(image, map_to_image(grid_map, image.size), alpha)
+            for image, grid_map in zip(images, maps, strict=True)]
 
 
 __all__ = ["DEFAULT_ALPHA", "attention_maps", "colorize", "heatmap_overlays", "map_to_image", "overlay",

@@ -44,7 +44,8 @@ DEFAULT_MAX_NEW_TOKENS = 128
 DISPLAY_MAX_SIDE = 768
 MAX_UPLOAD_SIZE = "200mb"
 GRADIO_MISSING_MESSAGE = "The web demo needs Gradio: pip install 'qilin-med-vl[app]'"
-APP_NOTICE = "注意：输出仅供研究演示，不可用于临床诊断或治疗决策。 (Outputs are a research demo, not for clinical use.)"
+APP_NOTICE = ("注意：输出仅供研究演示，不可用于临床诊断或治疗决策。 "
+              "(Outputs are a research demo, not for clinical use.)")
 QUANTIZATION_CHOICES = (("无 · none", "none"), ("8-bit", "8bit"), ("4-bit", "4bit"))
 
 
@@ -201,15 +202,15 @@ class LoadedModel:
             found = re.search(r"is (\d+) tokens long", str(error))
             length = f"{found.group(1)} 个 token，" if found else ""
             raise AppInputError(
-                f"提示过长：{length}上限 {limit}（每张图片占 {self.processor.image_seq_length} 个 token）。请缩短问题、"
-                f"减少图片或开始新对话。 (Prompt too long for the model: {error})"
+                f"提示过长：{length}上限 {limit}（每张图片占 {self.processor.image_seq_length} 个 token）。"
+                f"请缩短问题、减少图片或开始新对话。 (Prompt too long for the model: {error})"
             ) from None
         length = inputs["input_ids"].shape[1]
         if length + max_new_tokens > limit:
             raise AppInputError(
-                f"对话过长：提示 {length} 个 token，加上最多 {max_new_tokens} 个新 token 超过上限 {limit}。请开始新对话"
-                f"或减少生成长度。 (Prompt too long: {length} prompt tokens + {max_new_tokens} new tokens exceed the "
-                f"model's {limit}; start a new chat or lower the number of new tokens.)"
+                f"对话过长：提示 {length} 个 token，加上最多 {max_new_tokens} 个新 token 超过上限 {limit}。"
+                f"请开始新对话或减少生成长度。 (Prompt too long: {length} prompt tokens + {max_new_tokens} new "
+                f"tokens exceed the model's {limit}; start a new chat or lower the number of new tokens.)"
             )
         return inputs.to(self.model.device)
 
@@ -244,8 +245,8 @@ class LoadedModel:
 
         def generate():
             try:
-                kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                              stopping_criteria=StoppingCriteriaList([_Stop()]))
+                kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer,
+                          "stopping_criteria": StoppingCriteriaList([_Stop()])}
                 if use_hia and self.has_hia:
                     kwargs["output_hia_attentions"] = True
                 result["ids"] = self.model.generate(**inputs, **kwargs)
@@ -282,8 +283,9 @@ class LoadedModel:
                 take_heatmaps()
                 yield StreamUpdate(answer, heatmaps if heatmaps is not None else [], done=True)
             finally:
-                stop.set()
-                thread.join()
+                stop.set()  # a visitor who left (the page closed the stream) stops the generation too
+                if thread.ident is not None:
+                    thread.join()
                 hook.remove()
                 if switch_off:
                     self.model.enable_adapters()
@@ -314,15 +316,14 @@ class ModelManager:
                 )
             if spec.quantization and not quantization_available():
                 raise AppInputError("8/4-bit 需要 bitsandbytes 和 GPU。 (8-bit / 4-bit needs bitsandbytes and a GPU.)")
-            self._loaded = None
+            self._loaded = None  # dropped before loading the next, so two models never share the memory
             try:
                 loaded = LoadedModel(spec)
-            except AppInputError:
-                raise
             except Exception as error:
                 logger.exception("loading %s failed", spec)
+                keeping = "" if spec == self.spec else f"; the next request reloads {self.spec.model}"
                 raise AppInputError(
-                    f"无法加载模型 {spec.model}。 (Cannot load {spec.model}: {type(error).__name__}: {error})"
+                    f"无法加载模型 {spec.model}。 (Cannot load {spec.model}: {type(error).__name__}: {error}{keeping})"
                 ) from None
             self._loaded, self.spec = loaded, spec
             return loaded
@@ -354,7 +355,7 @@ def thumbnails(images: list[UploadedImage]) -> list[tuple[Image.Image, str]]:
 
 
 def heatmap_gallery(heatmaps: list[Image.Image]) -> list[tuple[Image.Image, str]]:
-    return [(image, f"{image_caption(index)} · HiA 注意力 attention") for index, image in enumerate(heatmaps)]
+    return [(image, f"{image_caption(index)} · HiA") for index, image in enumerate(heatmaps)]
 
 
 def chat_messages(turns: list[tuple[str, str]]) -> list[dict]:
@@ -548,9 +549,9 @@ def build_app(manager: ModelManager | None = None, max_new_tokens: int = DEFAULT
                            show_progress="hidden")
 
         def send_clicked(files, question, hia_value, tokens_value, state):
-            for chat, maps, message, state, rendered in answer_stream(manager, files, question, hia_value,
-                                                                       tokens_value, state):
-                yield chat, _keep(maps), message, state, rendered
+            for chat, maps, message, new_state, rendered in answer_stream(manager, files, question, hia_value,
+                                                                           tokens_value, state):
+                yield chat, _keep(maps), message, new_state, rendered
 
         send_inputs = [upload, prompt, use_hia, tokens, conversation]
         send_outputs = [chatbot, heatmaps, status, conversation, prompt_view]

@@ -37,6 +37,7 @@ from .original import (
     find_weight_files,
     finish,
     iter_tensors,
+    load_llama_tokenizer,
     map_key,
     parse_size,
     prepare_tokenizer,
@@ -113,7 +114,7 @@ def convert_llava_hf(
         dtype: output dtype of floating-point tensors; "auto" keeps the checkpoint's.
         force, max_shard_size, progress: as for `convert_original`.
     """
-    from transformers import AutoTokenizer, LlavaConfig
+    from transformers import LlavaConfig
 
     report = ConversionReport()
     folder = resolve_checkpoint(source, HF_DOWNLOAD_PATTERNS)
@@ -123,7 +124,7 @@ def convert_llava_hf(
     if raw.get("text_config", {}).get("model_type", "llama") != "llama":
         raise ConversionError(f"Only Llama language models are supported, got {raw['text_config']['model_type']!r}")
     config = qilin_config_from_llava(LlavaConfig.from_pretrained(folder))
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
+    tokenizer = prepare_tokenizer(load_llama_tokenizer(folder))
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_id:
         raise ConversionError(
             f"The tokenizer's {IMAGE_TOKEN} id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)} differs from the "
@@ -173,7 +174,7 @@ def export_llava_hf(
     as a whole, while `QilinProcessor` (like the original code) tokenizes the text between images separately, so
     the token after an image can differ; the weights and the image features are identical.
     """
-    from transformers import AutoTokenizer, LlavaProcessor
+    from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     from ..processing.processing_qilin import QilinProcessor
@@ -192,8 +193,8 @@ def export_llava_hf(
     for key, shape in expected_state_dict_shapes(config).items():
         expected[map_key(LLAVA_HF_EXPORT_RULES, key)[1]] = shape
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    qilin_image_processor = QilinProcessor.from_pretrained(folder).image_processor
+    qilin_processor = QilinProcessor.from_pretrained(folder)
+    tokenizer, qilin_image_processor = qilin_processor.tokenizer, qilin_processor.image_processor
     image_processor = LlavaImageProcessorPil(
         do_pad=qilin_image_processor.do_pad,
         size=dict(qilin_image_processor.size),
@@ -222,11 +223,64 @@ def export_llava_hf(
         llava_config.save_pretrained(staging)
         processor.save_pretrained(staging)
         build_generation_config(_read_json(folder / "generation_config.json"), tokenizer).save_pretrained(staging)
+        write_transformers4_compatible_files(staging)
     report.ignored_files = _ignored_files(folder, files)
     if (folder / "hia").is_dir():
         report.ignored_files.append("hia/ (the HiA adapter: vLLM and SGLang serve the base model only)")
     report.output = str(output)
     return report
+
+
+def write_transformers4_compatible_files(folder) -> None:
+    """Rewrites the configs transformers 5 saved in `folder` so that transformers 4.x, which the vLLM and SGLang
+    releases of its time pin, reads them too (5.x reads both forms):
+
+    - `config.json`: `torch_dtype` next to `dtype`; `rope_theta` / `rope_scaling` next to `rope_parameters`;
+    - `preprocessor_config.json`: the image processor, out of `processor_config.json`;
+    - `tokenizer_config.json`: `additional_special_tokens` for the list form of `extra_special_tokens` (4.x wants a
+      dict there), without transformers 5's own keys and the Qilin processor's `auto_map`.
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+
+    def rewrite(name, update):
+        path = folder / name
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps(update(data), indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+    def config(data):
+        if data.get("dtype"):
+            data["torch_dtype"] = data["dtype"]
+        text = data.get("text_config", {})
+        rope = dict(text.get("rope_parameters") or {})
+        if rope:
+            text["rope_theta"] = rope.pop("rope_theta", 10000.0)
+            if rope.get("rope_type", "default") != "default":
+                text["rope_scaling"] = rope
+        return data
+
+    def tokenizer(data):
+        for key in ("auto_map", "backend", "is_local", "local_files_only"):
+            data.pop(key, None)
+        extra = data.get("extra_special_tokens")
+        if isinstance(extra, list):
+            data.pop("extra_special_tokens")
+            data["additional_special_tokens"] = list(dict.fromkeys(data.get("additional_special_tokens", []) + extra))
+        return data
+
+    def processor(data):
+        image_processor = data.pop("image_processor", None)
+        if image_processor is not None:
+            image_processor["processor_class"] = data.get("processor_class", "LlavaProcessor")
+            text = json.dumps(image_processor, indent=2, sort_keys=True) + "\n"
+            (folder / "preprocessor_config.json").write_text(text)
+        return data
+
+    rewrite("config.json", config)
+    rewrite("tokenizer_config.json", tokenizer)
+    rewrite("processor_config.json", processor)
 
 
 def _run_import(args) -> int:
@@ -270,4 +324,4 @@ def add_cli(modes) -> None:
     parser.set_defaults(handler=_run_export)
 
 
-__all__ = ["convert_llava_hf", "export_llava_hf"]
+__all__ = ["convert_llava_hf", "export_llava_hf", "write_transformers4_compatible_files"]

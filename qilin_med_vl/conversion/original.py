@@ -12,6 +12,7 @@ that appears only when the conversion is complete.
 """
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -220,67 +221,6 @@ def _load_bin(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one `.safetensors` or `.bin` file, one at a time."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():
-                yield key, handle.get_tensor(key)
-        return
-    state_dict = _load_bin(path)
-    if not isinstance(state_dict, dict):
-        raise ConversionError(f"{path} does not hold a state dict")
-    keys = list(state_dict)
-    for key in keys:
-        yield key, state_dict.pop(key)
-
-
-class LazyCheckpoint:
-    """Random access to the tensors of some weight files without loading them all: safetensors are read per
-    tensor, `.bin` files memory-mapped on first use."""
-
-    def __init__(self, files: list[Path]):
-        self.files = files
-        self._where: dict[str, Path] = {}
-        self._bins: dict[Path, dict] = {}
-        from safetensors import safe_open
-
-        for path in files:
-            if path.suffix == ".safetensors":
-                with safe_open(path, framework="pt") as handle:
-                    keys = list(handle.keys())
-            else:
-                keys = list(self._bin(path))
-            for key in keys:
-                self._where[key] = path
-
-    def _bin(self, path: Path) -> dict:
-        if path not in self._bins:
-            self._bins[path] = _load_bin(path)
-        return self._bins[path]
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def get(self, key: str) -> torch.Tensor:
-        path = self._where[key]
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as handle:
-                return handle.get_tensor(key)
-        return self._bin(path)[key]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Writing checkpoints
-# --------------------------------------------------------------------------------------------------------------
-
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -293,6 +233,63 @@ SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+SAFETENSORS_TO_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of a memory map of it (copy-on-write: nothing is read until
+    used, and the file is never modified), like `torch.load(mmap=True)` for `.bin` files."""
+    with open(path, "rb") as handle:
+        header_size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(header_size))
+        if path.stat().st_size == 8 + header_size:  # no tensor data: nothing to map
+            mapped = None
+        else:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = SAFETENSORS_TO_TORCH[info["dtype"]]
+        start, end = info["data_offsets"]
+        if end == start:
+            tensors[key] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        flat = torch.frombuffer(mapped, dtype=dtype, offset=8 + header_size + start, count=(end - start) // dtype.itemsize)
+        tensors[key] = flat.view(info["shape"])
+    return tensors
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one `.safetensors` or `.bin` file, one at a time, memory-mapped."""
+    state_dict = _load_safetensors(path) if path.suffix == ".safetensors" else _load_bin(path)
+    if not isinstance(state_dict, dict):
+        raise ConversionError(f"{path} does not hold a state dict")
+    keys = list(state_dict)
+    for key in keys:
+        yield key, state_dict.pop(key)
+
+
+class LazyCheckpoint:
+    """Random access to the tensors of some weight files without reading them: every file is memory-mapped, a
+    tensor is read from disk when it is used."""
+
+    def __init__(self, files: list[Path]):
+        self._tensors: dict[str, torch.Tensor] = {}
+        for path in files:
+            self._tensors.update(_load_safetensors(path) if path.suffix == ".safetensors" else _load_bin(path))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
 
 
 def parse_size(size: int | str) -> int:
@@ -404,6 +401,9 @@ def staged_output(output: str | os.PathLike, force: bool = False) -> Iterator[Pa
         raise FileExistsError(f"{output} already exists; pass force=True (--force) to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's private 0o700 is not what a model folder should end up with
     try:
         yield staging
     except BaseException:
@@ -584,16 +584,16 @@ def qilin_config_from_original(
     )
 
 
-def load_original_tokenizer(folder: Path):
-    """The release's tokenizer (a slow SentencePiece `tokenizer.model`, or a `tokenizer.json`) as a transformers
-    tokenizer. transformers 5 converts `tokenizer.model` to a fast tokenizer, which needs `sentencepiece` and
+def load_llama_tokenizer(folder: Path):
+    """A checkpoint's LLaMA tokenizer (a slow SentencePiece `tokenizer.model`, or a `tokenizer.json`) as a
+    transformers tokenizer. transformers 5 converts `tokenizer.model` to a fast tokenizer, which needs `sentencepiece` and
     `protobuf`."""
     from transformers import AutoTokenizer, LlamaTokenizer
 
     if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         raise ConversionError(f"{folder} has no tokenizer.model or tokenizer.json")
-    # Not AutoTokenizer: next to the release's `model_type: "llava"` config it picks a generic class that loses
-    # SentencePiece's word-start marker.
+    # Not AutoTokenizer: next to a `model_type: "llava"` config it picks a generic class that, reading
+    # `tokenizer.model`, loses SentencePiece's word-start marker.
     tokenizer_class = _read_json(folder / "tokenizer_config.json").get("tokenizer_class", "LlamaTokenizer")
     try:
         if tokenizer_class.removesuffix("Fast") == "LlamaTokenizer":
@@ -742,7 +742,7 @@ def convert_original(
     tokenizer_folder = source_folder if any(
         (source_folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")
     ) else llm_folder
-    tokenizer = load_original_tokenizer(tokenizer_folder)
+    tokenizer = load_llama_tokenizer(tokenizer_folder)
     # Training truncated at tokenizer_model_max_length (LLaVA's --model_max_length, 2048 for Qilin-Med-VL).
     max_length = original.get("tokenizer_model_max_length")
     if not max_length and tokenizer.model_max_length > 10**8:  # transformers' "no limit"
