@@ -88,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .synthetic.dataset import add_cli as add_synth_data
 
+    from .app.server import add_cli as add_app
+
     add_evaluate(commands)
     add_demo(commands)
+    add_app(commands)
     add_synth_data(commands)
     from .data.chimed_vl import add_cli as add_convert_chimed_vl
 

@@ -584,11 +584,11 @@ def launch_kwargs(host: str = "127.0.0.1", port: int | None = None) -> dict:
 def serve(args) -> int:
     """`qilin-med-vl app`: load the model, then serve the page until interrupted (Ctrl-C or SIGTERM). Uploads live
     in a temporary directory that is removed on exit."""
+    import importlib.util
+
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gradio") is None:  # not imported yet: GRADIO_TEMP_DIR must be set first
         print(GRADIO_MISSING_MESSAGE, file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -613,14 +613,19 @@ def serve(args) -> int:
     previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() \
         else None
     with tempfile.TemporaryDirectory(prefix="qilin-med-vl-app-") as upload_dir:
+        # Gradio keeps uploads and the images it serves under GRADIO_TEMP_DIR (read when it is imported and when
+        # the server starts): here, a folder that goes away with the server.
         os.environ["GRADIO_TEMP_DIR"] = upload_dir
         print(f"uploads: {upload_dir} (removed on exit)", file=sys.stderr, flush=True)
+        demo = None
         try:
             demo = build_app(manager, max_new_tokens=args.max_new_tokens)
             demo.launch(**launch_kwargs(args.host, args.port))
         except KeyboardInterrupt:
             pass
         finally:
+            if demo is not None:
+                demo.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
     print("server stopped; uploads removed", file=sys.stderr, flush=True)
