@@ -55,10 +55,13 @@ def test_collator_labels_exactly_the_answers_and_the_hia_instruction_end(workspa
     instruction_end = find_instruction_end_index(batch["labels"], batch["attention_mask"], batch["labels"].shape, "cpu")
     first_supervised = (batch["labels"] != -100).int().argmax(dim=1)
     assert torch.equal(instruction_end, first_supervised - 1)
-    # h_last is the last token of the instruction prompt: the ":" of "ASSISTANT:" (then the space before the answer)
+    # h_last in training is the token a generation prompt ends with at inference: the ":" of "ASSISTANT:"
+    generation_prompt = processor.apply_chat_template(
+        [[{"role": "user", "content": "描述"}]], add_generation_prompt=True, tokenize=True, return_dict=True)
     for row in range(len(RECORDS)):
+        assert batch["input_ids"][row, instruction_end[row]] == generation_prompt["input_ids"][0][-1]
         prompt_tail = processor.tokenizer.decode(batch["input_ids"][row, : instruction_end[row] + 1])
-        assert prompt_tail.rstrip().endswith("ASSISTANT:")
+        assert prompt_tail.endswith("ASSISTANT:")
 
 
 def test_plain_template_supervises_the_caption_only(workspace):

@@ -15,8 +15,11 @@ DEFAULT_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-# The assistant part (answer and "</s>") is wrapped in generation tags so that
-# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the supervised tokens.
+# The assistant part (the space after "ASSISTANT:", the answer and "</s>") is wrapped in generation tags so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the supervised tokens. The space is
+# supervised because a generation prompt ends at "ASSISTANT:": the model must learn to produce it (with SentencePiece
+# it is merged into the answer's first token anyway), and the last instruction token is then ":" in training and
+# at inference alike, which is where HiA reads h_last.
 _RENDER_CONTENT = (
     "{%- macro render_content(content) -%}"
     "{%- if content is string -%}{{- content -}}"
@@ -38,8 +41,8 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{{- ns.system + ' ' -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{- 'USER: ' + render_content(message['content']) + ' ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
-    "{%- generation -%}{{- render_content(message['content']) + '</s>' -}}{%- endgeneration -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT:' -}}"
+    "{%- generation -%}{{- ' ' + render_content(message['content']) + '</s>' -}}{%- endgeneration -%}"
     "{%- else -%}{{- raise_exception('Only system, user and assistant roles are supported, got ' + message['role']) -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
