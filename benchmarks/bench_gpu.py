@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qilin_med_vl.benchmark import main  # noqa: E402
+from qilin_med_vl.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main(["--gpu", *sys.argv[1:]]))

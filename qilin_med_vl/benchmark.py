@@ -29,7 +29,6 @@ import copy
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -37,8 +36,7 @@ import sys
 import tempfile
 import time
 import weakref
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 
 import torch
 
@@ -1013,7 +1011,7 @@ def validate_stage_composition(num_images: int = 2, high_res_size: int = 224, te
             model = get_peft_model(model, copy.deepcopy(hia)).eval()
         inputs = make_inputs(config, num_images, text_tokens, high_res_size if with_hia else None)
         _no_grad_call(model, inputs)
-        real_peak = _peak_live_bytes(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+        real_peak = _peak_live_bytes(lambda m=model, i=inputs: m(**i, use_cache=True, logits_to_keep=1))
         with torch.inference_mode(), flop_counter() as counter:
             model(**inputs, use_cache=True, logits_to_keep=1)
         staged = measure_prefill_stages(model, num_images, text_tokens, high_res_size=high_res_size if with_hia else None)
@@ -1590,7 +1588,7 @@ def run_gpu_suite(precisions=("bf16", "int8", "nf4"), batch_sizes=(1, 8), num_im
     record = {
         "skipped": False,
         "date": date,
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU smoke test ({platform.processor()})",
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU smoke test ({machine_description()['cpu']})",
         "smoke_test": device.type != "cuda" or small,
         "config": "QilinMedVLConfig() (13B)" if not small else "small bench config (plumbing test only)",
         "machine": machine_description(),
@@ -2030,6 +2028,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default 1: steadier on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and cells (a smoke run, not for numbers)")
     parser.add_argument("--date", default=None, help="date to record (default: today)")
+    parser.add_argument("--hia-encoder-width", type=int, default=32,
+                        help="stem width of HiA's ResNet trunk in the CPU HiA suite (64 = ResNet-50; default 32 keeps "
+                             "the suite within minutes)")
 
 
 def bench_command(args) -> int:
@@ -2043,7 +2044,8 @@ def bench_command(args) -> int:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     date = args.date or datetime.date.today().isoformat()
-    command = "qilin-med-vl bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    command = getattr(args, "command_line", None) or (
+        "qilin-med-vl bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
     results = {"date": date, "machine": machine_description(), "threads": torch.get_num_threads(), "command": command}
     started = time.perf_counter()
     if args.gpu:
@@ -2064,7 +2066,8 @@ def bench_command(args) -> int:
             if suite == "llava":
                 results["llava"] = run_llava_comparison(**({"repeats": 4, "new_tokens": 16} if quick else {}))
             elif suite == "hia":
-                results["hia"] = run_hia_cost(**({"sizes": (336, 672), "image_counts": (1, 2), "repeats": 1,
+                results["hia"] = run_hia_cost(encoder_width=args.hia_encoder_width,
+                                              **({"sizes": (336, 672), "image_counts": (1, 2), "repeats": 1,
                                                   "decode_repeats": 2, "decode_images": (1,)} if quick else {}))
             elif suite == "table3":
                 results["table3"] = run_table3()
@@ -2094,7 +2097,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qilin-med-vl bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
-    return bench_command(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else None
+    if script:
+        shown = sys.argv[1:]
+        args.command_line = f"python {os.path.relpath(script)} " + " ".join(shown)
+    else:
+        args.command_line = "qilin-med-vl bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    return bench_command(args)
 
 
 if __name__ == "__main__":

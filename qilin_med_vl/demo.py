@@ -132,6 +132,8 @@ def install_demo_model(base_dir, hia_dir, target_dir=DEMO_MODEL_DIR) -> None:
     for path in base_dir.iterdir():
         if path.is_file() and path.suffix != ".py" and not path.name.startswith(("training_args", "trainer_state")):
             shutil.copy2(path, target_dir / path.name)
+        elif path.name == "additional_chat_templates":
+            shutil.copytree(path, target_dir / path.name)
     for name in ("config.json", "processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
         path = target_dir / name
         if path.is_file():
