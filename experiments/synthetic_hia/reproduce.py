@@ -111,7 +111,8 @@ def main():
                          "--name", name]
         if flags is not None:
             command += ["--adapter", out / slug]
-        times[f"evaluate {name}"] = run(command, logs / f"evaluate-{slug}.log")
+        if not (out / "eval" / slug / "scores.json").is_file():
+            times[f"evaluate {name}"] = run(command, logs / f"evaluate-{slug}.log")
         results[name] = json.loads((out / "eval" / slug / "scores.json").read_text(encoding="utf-8"))
 
     from qilin_med_vl.evaluation import format_markdown_table
