@@ -23,7 +23,8 @@ HIA_LAYER_ATTRIBUTE = "hia_active"
 class HiAInputs:
     """What a HiA layer needs about the current prefill, built once per forward by `QilinMedVLModel`.
 
-    image_token_mask: bool `(batch_size, sequence_length)`, True at the `<image>` positions.
+    image_batch_index, image_position_index: long `(num_images * image_seq_length,)`, where the `<image>` tokens
+        are, row-major (so image n's tokens are entries n*K .. n*K+K-1); found once per prefill, used by every layer.
     instruction_end_index: long `(batch_size,)`, the position of each sample's last instruction token (h_last).
     high_res_pixel_values: float `(num_images, 3, H, W)`, one per image in order of appearance.
     image_seq_length: low-resolution tokens per image (K).
@@ -32,7 +33,8 @@ class HiAInputs:
         computed by the first HiA layer and reused by the later ones.
     """
 
-    image_token_mask: torch.Tensor
+    image_batch_index: torch.Tensor
+    image_position_index: torch.Tensor
     instruction_end_index: torch.Tensor
     high_res_pixel_values: torch.Tensor
     image_seq_length: int
@@ -181,7 +183,7 @@ class HiALayer(nn.Module, BaseTunerLayer):
 
     def _apply_block(self, block: HiABlock, adapter_name: str, hidden: torch.Tensor, inputs: HiAInputs):
         device = hidden.device
-        batch_index, position_index = inputs.image_token_mask.to(device).nonzero(as_tuple=True)
+        batch_index, position_index = inputs.image_batch_index.to(device), inputs.image_position_index.to(device)
         num_tokens = batch_index.numel()
         if num_tokens == 0:
             return hidden
@@ -193,7 +195,6 @@ class HiALayer(nn.Module, BaseTunerLayer):
 
         image_length = inputs.image_seq_length
         num_images = num_tokens // image_length
-        # Positions come out row-major, so image n's tokens are entries n*K .. n*K+K-1, in order of appearance.
         visual_tokens = hidden[batch_index, position_index].view(num_images, image_length, -1)
         image_sample = batch_index.view(num_images, image_length)[:, 0]
         instruction_states = hidden[image_sample, inputs.instruction_end_index.to(device)[image_sample]]

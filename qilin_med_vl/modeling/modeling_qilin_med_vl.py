@@ -9,6 +9,7 @@ flash) is chosen through the config.
 This file travels with checkpoints as remote code: it imports only torch/transformers/peft and its flat siblings.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -185,8 +186,10 @@ class QilinMedVLModel(QilinMedVLPreTrainedModel):
                         "high-resolution images; they must pair up one to one"
                     )
                 # HiA acts at prefill only: afterwards the edited visual tokens live in the KV cache.
+                image_batch_index, image_position_index = image_token_mask.nonzero(as_tuple=True)
                 kwargs["hia_inputs"] = HiAInputs(
-                    image_token_mask=image_token_mask,
+                    image_batch_index=image_batch_index,
+                    image_position_index=image_position_index,
                     instruction_end_index=find_instruction_end_index(
                         labels, attention_mask, inputs_embeds.shape[:2], inputs_embeds.device
                     ),
@@ -262,8 +265,6 @@ class QilinMedVLForConditionalGeneration(QilinMedVLPreTrainedModel, GenerationMi
     def load_adapter(self, peft_model_id=None, adapter_name=None, *args, adapter_kwargs=None, **kwargs):
         """transformers' `load_adapter`, where a bare name such as `"hia"` that is not a local folder means that
         subfolder of the repo or folder this model was loaded from: `model.load_adapter("hia")`."""
-        import os
-
         adapter_kwargs = dict(adapter_kwargs or {})
         if (
             isinstance(peft_model_id, str)
