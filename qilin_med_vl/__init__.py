@@ -4,7 +4,19 @@ Importing the package registers the config, model, image processor and processor
 (so local folders load without `trust_remote_code`) and the HiA adapter type with PEFT.
 """
 
-from transformers import (
+import logging
+
+
+def _drop_bitsandbytes_kernel_notice(record: logging.LogRecord) -> bool:
+    # PEFT imports bitsandbytes whenever it is installed, and bitsandbytes then announces at import time that an
+    # optional CPU 4-bit kernel package is missing, before any command has run and whether or not quantization is
+    # used. 4-bit still works without that package (bitsandbytes falls back to its own kernel).
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_bitsandbytes_kernel_notice)
+
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -12,17 +24,17 @@ from transformers import (
     AutoProcessor,
 )
 
-from .modeling.configuration_hia import HiAConfig
-from .modeling.configuration_qilin_med_vl import QilinMedVLConfig
-from .modeling.modeling_hia import HiAModel
-from .modeling.modeling_qilin_med_vl import (
+from .modeling.configuration_hia import HiAConfig  # noqa: E402
+from .modeling.configuration_qilin_med_vl import QilinMedVLConfig  # noqa: E402
+from .modeling.modeling_hia import HiAModel  # noqa: E402
+from .modeling.modeling_qilin_med_vl import (  # noqa: E402
     QilinMedVLForConditionalGeneration,
     QilinMedVLModel,
     QilinMedVLPreTrainedModel,
 )
-from .processing.image_loading_qilin import ImageLoadingError, load_image
-from .processing.image_processing_qilin import QilinImageProcessor
-from .processing.processing_qilin import QilinProcessor
+from .processing.image_loading_qilin import ImageLoadingError, load_image  # noqa: E402
+from .processing.image_processing_qilin import QilinImageProcessor  # noqa: E402
+from .processing.processing_qilin import QilinProcessor  # noqa: E402
 
 __version__ = "0.1.0"
 

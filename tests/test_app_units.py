@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from qilin_med_vl.modeling.modeling_hia import hia_is_active
 from qilin_med_vl.app.heatmap import (
     attention_maps,
     colorize,
@@ -33,6 +34,7 @@ from qilin_med_vl.app.prompts import (
     preset_prompt,
 )
 from qilin_med_vl.app.server import (
+    adapters_disabled,
     LoadedModel,
     ModelManager,
     ModelSpec,
@@ -377,11 +379,8 @@ def test_hia_switch_gives_the_base_model_then_hia_again(manager, model_folder):
     assert off[0][-1]["content"] == direct_answer(model_folder, None, COMPARE, 12)
     assert not any(update[1] for update in updates) and "HiA off" in off[2]
     torch.testing.assert_close(logits(), with_hia, rtol=0, atol=1e-6)  # switched back on afterwards
-    loaded.model.disable_adapters()
-    try:
+    with adapters_disabled(loaded.model):
         assert (logits() - with_hia).abs().max() > 1e-4  # and switching it off does change the model
-    finally:
-        loaded.model.enable_adapters()
     on = final(answer_stream(manager, files(model_folder), COMPARE, True, 12, None))
     assert on[0][-1]["content"] == direct_answer(model_folder, "hia", COMPARE, 12)
 
@@ -391,9 +390,9 @@ def test_a_visitor_leaving_mid_answer_stops_generation_and_restores_hia(manager,
     images = [load_image(path) for path in files(model_folder)]
     stream = loaded.stream(images, build_messages(images, [], COMPARE), use_hia=False, max_new_tokens=400)
     next(stream), next(stream)
-    assert loaded.lock.locked() and not loaded.model.model.has_active_hia()
+    assert loaded.lock.locked() and not hia_is_active(loaded.model)
     stream.close()  # what Gradio does when the page goes away
-    assert not loaded.lock.locked() and loaded.model.model.has_active_hia()
+    assert not loaded.lock.locked() and hia_is_active(loaded.model)
     assert not any(thread.name == "qilin-med-vl-generate" for thread in threading.enumerate())
 
 

@@ -59,7 +59,7 @@ def test_linear_projector_has_one_layer():
     model = tiny_model(projector_type="linear")
     names = [name for name, _ in model.model.multi_modal_projector.named_parameters()]
     assert names == ["linear_1.weight", "linear_1.bias"]
-    features = model.get_image_features(torch.randn(2, 3, 28, 28))
+    features = model.get_image_features(torch.randn(2, 3, 28, 28)).pooler_output
     assert features.shape == (2, 4, 64)
 
 

@@ -7,10 +7,11 @@ import sys
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 
 from qilin_med_vl.cli import main as cli
-from qilin_med_vl.modeling.modeling_hia import find_instruction_end_index
+from qilin_med_vl.modeling.modeling_hia import find_instruction_end_index, hia_is_active
 from qilin_med_vl.testing import tiny_model, tiny_processor
 from qilin_med_vl.training import ConversationCollator, ConversationDataset, DataValidationError, validate_records
 
@@ -143,13 +144,12 @@ def test_hia_stage_saves_an_adapter_that_loads(workspace, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
     config = json.loads((tmp_path / "hia" / "adapter_config.json").read_text())
     assert config["peft_type"] == "HIA" and config["high_res_size"] == 56
-    model = tiny_model()
-    model.load_adapter(str(tmp_path / "hia"))
+    model = PeftModel.from_pretrained(tiny_model(), tmp_path / "hia")
     batch = ConversationCollator(tiny_processor(), str(workspace))(RECORDS[:2])
     with torch.no_grad():
         adapted = model(**batch).logits
-        model.disable_adapters()
-        base = model(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
     assert (adapted - base).abs().max() > 0  # the trained adapter acts
 
 
@@ -188,7 +188,7 @@ def test_two_process_torchrun_trains_hia(workspace, tmp_path):
     assert "Total train batch size (w. parallel, distributed & accumulation) = 2" in logs, logs[-3000:]
     model = tiny_model()
     model.load_adapter(str(output))
-    assert model.model.has_active_hia()
+    assert hia_is_active(model)
 
 
 def test_evaluate_writes_predictions_and_per_task_scores(workspace, tmp_path):

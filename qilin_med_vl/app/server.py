@@ -18,12 +18,14 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from ..demo import DEMO_MODEL_DIR, NOT_FOR_CLINICAL_USE
+from ..modeling.modeling_hia import record_hia_attentions
 from .heatmap import heatmap_overlays
 from .prompts import (
     FREE_TEXT,
@@ -162,6 +164,22 @@ class StreamUpdate:
     done: bool = False
 
 
+@contextmanager
+def adapters_disabled(model):
+    """Switch every PEFT adapter layer of `model` off for the block, with PEFT's own layer switch (transformers'
+    `disable_adapters()` refuses PEFT < 0.22 from transformers 5.24 on, and no such PEFT is released yet)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 class LoadedModel:
     """A model and its processor; `stream` generates one answer at a time (a lock serialises callers, since the
     HiA switch is a property of the shared model)."""
@@ -234,21 +252,12 @@ class LoadedModel:
 
                 return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
-        captured = []
-
-        def capture(module, args, output):
-            attentions = getattr(output, "hia_attentions", None)
-            if attentions is not None and not captured:
-                captured.append(([a.detach().float().cpu().numpy() for a in attentions], output.hia_grid_size))
-
         result = {}
 
         def generate():
             try:
                 kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "streamer": streamer,
                           "stopping_criteria": StoppingCriteriaList([_Stop()])}
-                if use_hia and self.has_hia:
-                    kwargs["output_hia_attentions"] = True
                 result["ids"] = self.model.generate(**inputs, **kwargs)
             except BaseException as error:  # re-raised in the caller's thread
                 result["error"] = error
@@ -258,15 +267,16 @@ class LoadedModel:
 
         def take_heatmaps():
             nonlocal heatmaps
-            if heatmaps is None and captured:
-                attentions, grid_size = captured[0]
-                heatmaps = heatmap_overlays(display_images, attentions, grid_size)
+            if heatmaps is None and recorded:  # the first HiA pass is the prompt's prefill
+                attentions, grid_size = recorded[0]
+                heatmaps = heatmap_overlays(
+                    display_images, [a.detach().float().cpu().numpy() for a in attentions], grid_size
+                )
 
-        with self.lock:
-            hook = self.model.register_forward_hook(capture)
-            switch_off = self.has_adapter and not use_hia
-            if switch_off:
-                self.model.disable_adapters()
+        with self.lock, ExitStack() as switches:
+            recorded = switches.enter_context(record_hia_attentions(self.model)) if use_hia and self.has_hia else []
+            if self.has_adapter and not use_hia:
+                switches.enter_context(adapters_disabled(self.model))
             thread = threading.Thread(target=generate, name="qilin-med-vl-generate", daemon=True)
             try:
                 thread.start()
@@ -286,9 +296,6 @@ class LoadedModel:
                 stop.set()  # a visitor who left (the page closed the stream) stops the generation too
                 if thread.ident is not None:
                     thread.join()
-                hook.remove()
-                if switch_off:
-                    self.model.enable_adapters()
 
 
 class ModelManager:

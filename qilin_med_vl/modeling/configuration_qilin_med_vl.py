@@ -7,8 +7,20 @@ siblings (single-dot imports).
 
 from typing import Literal
 
-from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+import transformers
+from packaging import version
+
+# Checked before anything else is imported from transformers, so that a Hub user on an older release gets this
+# message rather than an ImportError or a traceback deep inside `forward`.
+MINIMUM_TRANSFORMERS_VERSION = "5.23.0"
+if version.parse(transformers.__version__) < version.parse(MINIMUM_TRANSFORMERS_VERSION):
+    raise ImportError(
+        f"Qilin-Med-VL needs transformers>={MINIMUM_TRANSFORMERS_VERSION}, but transformers "
+        f"{transformers.__version__} is installed: pip install -U 'transformers>={MINIMUM_TRANSFORMERS_VERSION}'"
+    )
+
+from transformers import AutoConfig, PreTrainedConfig  # noqa: E402
+from transformers.configuration_utils import SubConfigSpec  # noqa: E402
 
 # The released Qilin-Med-VL: CLIP ViT-L/14-336 + Chinese-LLaMA-2-13B-Chat (LLaVA v1.1-era layout).
 # The vocabulary grows from 32000 to 32064 rows so that `<image>` (id 32000) has a token, padded to a

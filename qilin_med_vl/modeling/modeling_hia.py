@@ -1,10 +1,17 @@
 # Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
 """HiA, the High-resolution instruction-aware Adapter, as a PEFT tuner.
 
+The tuner needs no cooperation from the model it wraps: a forward pre-hook on the wrapped model reads the batch
+(`input_ids` or `inputs_embeds`, `pixel_values`, `high_res_pixel_values`, `labels`, `attention_mask`) at prefill and
+hands what the HiA layers need to them, so HiA attaches to Qilin-Med-VL and to transformers' own
+`LlavaForConditionalGeneration` (any model with the LLaVA layout: `config.image_token_id`, a Llama-style decoder
+under `language_model.layers`).
+
 Remote code: imports only torch/transformers/peft and flat siblings.
 """
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -15,13 +22,9 @@ from torch import nn
 from .configuration_hia import HiAConfig, HiAPeftType
 from .high_resolution_encoder_hia import HighResolutionEncoder
 
-# True on decoder-layer wrappers with an enabled HiA adapter, so the model knows to build `HiAInputs`.
-HIA_LAYER_ATTRIBUTE = "hia_active"
-
-
 @dataclass
 class HiAInputs:
-    """What a HiA layer needs about the current prefill, built once per forward by `QilinMedVLModel`.
+    """What a HiA layer needs about the current prefill, built once per forward by the tuner's pre-hook.
 
     image_batch_index, image_position_index: long `(num_images * image_seq_length,)`, where the `<image>` tokens
         are, row-major (so image n's tokens are entries n*K .. n*K+K-1); found once per prefill, used by every layer.
@@ -143,16 +146,19 @@ class HiABlock(nn.Module):
 class HiALayer(nn.Module, BaseTunerLayer):
     """Wraps one decoder layer: runs it, then lets each active HiA adapter edit the image positions of its output.
 
-    The layer acts only when the model passes `hia_inputs` (at prefill with images); decode steps and text-only
-    batches pass straight through.
+    The layer acts only while the tuner's pre-hook has put `HiAInputs` in `prefill` (a forward with images); decode
+    steps and text-only batches pass straight through.
     """
 
     adapter_layer_names = ("hia",)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HiAConfig, layer_index: int):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: HiAConfig, layer_index: int, prefill: "HiAPrefill"
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.layer_index = layer_index
+        self.prefill = prefill  # shared with the wrapped model's hooks; holds inputs only during a prefill forward
         self.hia = nn.ModuleDict({})
         self._active_adapter = adapter_name
         self.merged_adapters = []
@@ -171,8 +177,9 @@ class HiALayer(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise NotImplementedError("HiA adds computation at prefill; it cannot be merged into the base weights")
 
-    def forward(self, hidden_states: torch.Tensor, *args, hia_inputs: HiAInputs | None = None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         output = self.base_layer(hidden_states, *args, **kwargs)
+        hia_inputs = self.prefill.inputs
         if self.disable_adapters or hia_inputs is None:
             return output
         hidden = output[0] if isinstance(output, tuple) else output
@@ -205,12 +212,132 @@ class HiALayer(nn.Module, BaseTunerLayer):
         return hidden.index_put((batch_index, position_index), edited)
 
 
+class HiAPrefill:
+    """The one mutable link between a wrapped model's hooks and its HiA layers: `inputs` is a `HiAInputs` during a
+    forward with images and `None` otherwise."""
+
+    def __init__(self):
+        self.inputs: HiAInputs | None = None
+        self.output_attentions = False  # put the attentions on the output of the current forward
+        self.recordings: list | None = None  # set by `record_hia_attentions`
+
+
+def _image_token_id(config) -> int:
+    image_token_id = getattr(config, "image_token_id", None)
+    return config.image_token_index if image_token_id is None else image_token_id
+
+
+def _prepare_prefill(model: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of the wrapped model: take HiA's own arguments out of the call and, at a prefill with
+    images and an active adapter, give the HiA layers their `HiAInputs`."""
+    high_res_pixel_values = kwargs.pop("high_res_pixel_values", None)
+    output_attentions = kwargs.pop("output_hia_attentions", False)
+    pixel_values = kwargs.get("pixel_values")
+    prefill = model._hia_prefill
+    prefill.inputs, prefill.output_attentions = None, output_attentions
+    if pixel_values is None or not hia_is_active(model):
+        return args, kwargs
+    num_images = pixel_values.shape[0]
+    if high_res_pixel_values is None:
+        raise ValueError(
+            "A HiA adapter is loaded but no high_res_pixel_values were given with the images; "
+            "use QilinProcessor, which returns them, or disable the adapter"
+        )
+    if high_res_pixel_values.shape[0] != num_images:
+        raise ValueError(
+            f"Got {num_images} low-resolution and {high_res_pixel_values.shape[0]} high-resolution images; "
+            "they must pair up one to one"
+        )
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is not None:
+        image_token_mask = input_ids == _image_token_id(model.config)
+    else:
+        inputs_embeds = kwargs["inputs_embeds"]
+        image_embedding = model.get_input_embeddings()(
+            torch.tensor(_image_token_id(model.config), device=inputs_embeds.device)
+        )
+        image_token_mask = (inputs_embeds == image_embedding).all(-1)
+    # Found once per prefill and used by every HiA layer; after prefill the edited tokens live in the KV cache.
+    image_batch_index, image_position_index = image_token_mask.nonzero(as_tuple=True)
+    prefill.inputs = HiAInputs(
+        image_batch_index=image_batch_index,
+        image_position_index=image_position_index,
+        instruction_end_index=find_instruction_end_index(
+            kwargs.get("labels"), kwargs.get("attention_mask"), image_token_mask.shape, image_token_mask.device
+        ),
+        high_res_pixel_values=high_res_pixel_values,
+        image_seq_length=image_batch_index.numel() // num_images,
+        attentions=[] if output_attentions or prefill.recordings is not None else None,
+    )
+    return args, kwargs
+
+
+def _finish_prefill(model: nn.Module, args: tuple, kwargs: dict, output):
+    """Forward hook (also run when the forward raises): report the extractor attentions if asked, then clear."""
+    prefill = model._hia_prefill
+    inputs, prefill.inputs = prefill.inputs, None
+    if inputs is None or inputs.attentions is None:
+        return output
+    if prefill.recordings is not None:
+        prefill.recordings.append((tuple(inputs.attentions), inputs.grid_size))
+    if prefill.output_attentions and not isinstance(output, tuple):
+        output["hia_attentions"] = tuple(inputs.attentions)
+        output["hia_grid_size"] = inputs.grid_size
+    return output
+
+
+def attach_hia_hooks(model: nn.Module) -> HiAPrefill:
+    """Install HiA's hooks on `model` once (several adapters share them) and return their shared state."""
+    if getattr(model, "_hia_prefill", None) is None:
+        model._hia_prefill = HiAPrefill()
+        model.register_forward_pre_hook(_prepare_prefill, with_kwargs=True)
+        model.register_forward_hook(_finish_prefill, with_kwargs=True, always_call=True)
+    return model._hia_prefill
+
+
+@contextmanager
+def record_hia_attentions(model: nn.Module):
+    """Within the block, every forward of `model` (a model with HiA attached, or its `PeftModel`) that runs HiA
+    appends `(attentions, grid_size)` to the yielded list: one `(num_images, num_queries, grid_h * grid_w)` tensor
+    per HiA layer. Works through `generate`, where the first entry is the prompt's prefill.
+
+        with record_hia_attentions(model) as recorded:
+            model.generate(**inputs)
+        attentions, grid_size = recorded[0]
+    """
+    layer = next((module for module in model.modules() if isinstance(module, HiALayer)), None)
+    if layer is None:
+        raise ValueError("This model has no HiA adapter; there are no HiA attentions to record")
+    prefill = layer.prefill
+    prefill.recordings = recorded = []
+    try:
+        yield recorded
+    finally:
+        prefill.recordings = None
+
+
+def hia_is_active(model: nn.Module) -> bool:
+    """Whether any HiA adapter inside `model` is enabled and active."""
+    return any(isinstance(module, HiALayer) and module.hia_active for module in model.modules())
+
+
 class HiAModel(BaseTuner):
-    """Injects `HiALayer`s into a Qilin-Med-VL (or any LLaVA-layout) model: `peft.get_peft_model(model, HiAConfig())`."""
+    """Injects `HiALayer`s into a Qilin-Med-VL (or any LLaVA-layout) model: `peft.get_peft_model(model, HiAConfig())`.
+
+    Calls through the tuner go through the wrapped model's `__call__`, so that its hooks run (PEFT's default calls
+    `forward` directly).
+    """
 
     prefix: str = "hia"
     tuner_layer_cls = HiALayer
     target_module_mapping: dict = {}
+
+    def __init__(self, model, *args, **kwargs):
+        self._prefill = attach_hia_hooks(model)
+        super().__init__(model, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
     def _prepare_adapter_config(self, peft_config: HiAConfig, model_config: dict) -> HiAConfig:
         text_config = model_config.get("text_config", model_config)
@@ -238,7 +365,9 @@ class HiAModel(BaseTuner):
         if isinstance(target, HiALayer):
             target.update_layer(adapter_name, peft_config)
             return
-        new_module = HiALayer(target, adapter_name, peft_config, layer_index=int(current_key.rsplit(".", 1)[-1]))
+        new_module = HiALayer(
+            target, adapter_name, peft_config, layer_index=int(current_key.rsplit(".", 1)[-1]), prefill=self._prefill
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -9,32 +9,67 @@ flash) is chosen through the config.
 This file travels with checkpoints as remote code: it imports only torch/transformers/peft and its flat siblings.
 """
 
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
 from .configuration_qilin_med_vl import QilinMedVLConfig
-from .modeling_hia import HIA_LAYER_ATTRIBUTE, HiAInputs, find_instruction_end_index
+
+# The model never calls the adapter (HiA attaches through hooks of its own). This import makes the adapter's code
+# travel with every checkpoint as remote code and registers the "HIA" adapter type with PEFT as soon as the model
+# class is loaded, so `model.load_adapter("hia")` and `PeftModel.from_pretrained` work with remote code alone.
+from .modeling_hia import register_hia_with_peft  # noqa: F401
+
+# transformers 5.24 renamed the key/value cache from `past_key_values` to `cache`, in `forward` arguments and in model
+# outputs. The output classes below inherit the installed release's field, and the language model is called with the
+# name it declares, so the same file runs on every release in the supported range.
+CACHE_NAME = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
 
 # Modules that stay in full precision when bitsandbytes quantizes the model: only the language model's linear
 # layers are quantized; the vision tower and the projector are small and sensitive to rounding.
 QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 
+def accept_legacy_cache_name(forward):
+    """Let `forward` be called with `past_key_values=` as well as `cache=`.
+
+    On releases that already use `cache`, the old name goes through transformers' own deprecation (one warning, as
+    for its in-tree models); on older ones `past_key_values` is the native name, so it is renamed silently.
+    """
+    if CACHE_NAME == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            if kwargs.get("cache") is not None:
+                raise ValueError("Pass the key/value cache once, as `cache` or as `past_key_values`, not both")
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class QilinMedVLModelOutputWithPast(BaseModelOutputWithPast):
     """
+    The language model's outputs (`last_hidden_state`, the key/value cache, `hidden_states`, `attentions`) plus:
+
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
         Projected image features that replaced the `<image>` token embeddings.
     hia_attentions (`tuple[torch.FloatTensor]`, *optional*):
         One tensor per HiA layer, shape `(num_images, num_queries, grid_h * grid_w)`: where the instruction-aware
-        queries attended on the high-resolution grid, averaged over heads. Returned with `output_hia_attentions`.
+        queries attended on the high-resolution grid, averaged over heads. Filled in by a HiA adapter when called
+        with `output_hia_attentions=True`.
     hia_grid_size (`tuple[int, int]`, *optional*):
         `(grid_h, grid_w)` of the high-resolution feature grid the attentions refer to.
     """
@@ -45,18 +80,13 @@ class QilinMedVLModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class QilinMedVLCausalLMOutputWithPast(ModelOutput):
+class QilinMedVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     """
     loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token loss over positions whose label is not -100.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
     Other fields as in `QilinMedVLModelOutputWithPast`.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
     hia_attentions: tuple[torch.FloatTensor, ...] | None = None
     hia_grid_size: tuple[int, int] | None = None
@@ -90,12 +120,13 @@ class QilinMedVLPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the HiA path scatters into data-dependent image positions
+    # The model itself has no data-dependent control flow (HiA, when attached, adds its own at prefill only).
+    _can_compile_fullgraph = True
 
 
 class QilinMedVLModel(QilinMedVLPreTrainedModel):
@@ -114,14 +145,28 @@ class QilinMedVLModel(QilinMedVLPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """`pixel_values` `(num_images, 3, 336, 336)` -> projected features `(num_images, image_seq_length, D)`."""
-        pixel_values = pixel_values.to(self.vision_tower.dtype)
-        vision_outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        selected = vision_outputs.hidden_states[self.config.vision_feature_layer]
-        if self.config.vision_feature_select_strategy == "default":
+    @merge_with_config_defaults
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """`pixel_values` `(num_images, 3, image_size, image_size)` -> the vision tower's outputs, with
+        `pooler_output` holding the projected features `(num_images, image_seq_length, text_hidden_size)`.
+
+        As transformers' Llava: `return_dict=False` gives a tuple, `output_hidden_states` / `output_attentions`
+        are passed to the vision tower, and the feature layer and strategy default to the config's.
+        """
+        kwargs["output_hidden_states"] = True  # the projected layer is read from the hidden states
+        image_outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), return_dict=True, **kwargs)
+        selected = image_outputs.hidden_states[vision_feature_layer]
+        if vision_feature_select_strategy == "default":
             selected = selected[:, 1:]  # drop CLS
-        return self.multi_modal_projector(selected)
+        image_outputs.pooler_output = self.multi_modal_projector(selected)
+        return image_outputs
 
     def get_image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Boolean `(batch_size, sequence_length)`, True at `<image>` positions."""
@@ -132,28 +177,27 @@ class QilinMedVLModel(QilinMedVLPreTrainedModel):
         )
         return (inputs_embeds == image_embedding).all(-1)
 
-    def has_active_hia(self) -> bool:
-        return any(getattr(layer, HIA_LAYER_ATTRIBUTE, False) for layer in self.language_model.layers)
-
+    @can_return_tuple
+    @accept_legacy_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
-        high_res_pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_hia_attentions: bool = False,
+        high_res_pixel_values: torch.FloatTensor | None = None,
         **kwargs,
     ) -> QilinMedVLModelOutputWithPast:
         """
         input_ids: `(batch_size, sequence_length)`; every image contributes `image_seq_length` `<image>` tokens.
-        pixel_values: `(num_images, 3, 336, 336)`, images of all samples in order of appearance.
-        high_res_pixel_values: `(num_images, 3, high_res_size, high_res_size)`, used only by a HiA adapter.
-        labels: `(batch_size, sequence_length)`, only read here to find where each instruction ends (HiA).
+        pixel_values: `(num_images, 3, image_size, image_size)`, images of all samples in order of appearance.
+        cache: the key/value cache (`past_key_values` on transformers < 5.24, still accepted).
+        high_res_pixel_values: `(num_images, 3, high_res_size, high_res_size)` from `QilinProcessor`; read by a HiA
+            adapter (its hook consumes them before this method runs) and ignored by the model itself.
+        Other keyword arguments go to the language model (attention implementation kwargs, `output_attentions`...).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
@@ -162,59 +206,36 @@ class QilinMedVLModel(QilinMedVLPreTrainedModel):
 
         image_features = None
         if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
             image_token_mask = self.get_image_token_mask(input_ids, inputs_embeds)
-            image_features = self.get_image_features(pixel_values)
-            num_image_tokens = int(image_token_mask.sum())
-            if num_image_tokens != image_features.shape[0] * image_features.shape[1]:
-                raise ValueError(
-                    f"The text holds {num_image_tokens} image tokens but {image_features.shape[0]} images were given "
-                    f"({image_features.shape[0] * image_features.shape[1]} tokens at {image_features.shape[1]} each)"
-                )
+            num_images, image_seq_length = image_features.shape[:2]
+            if not torch.compiler.is_compiling():  # a data-dependent check; compiled graphs skip it, as Llava's do
+                num_image_tokens = int(image_token_mask.sum())
+                if num_image_tokens != num_images * image_seq_length:
+                    raise ValueError(
+                        f"The text holds {num_image_tokens} image tokens but {num_images} images were given "
+                        f"({num_images * image_seq_length} tokens at {image_seq_length} each)"
+                    )
             inputs_embeds = inputs_embeds.masked_scatter(
                 image_token_mask.unsqueeze(-1).to(inputs_embeds.device),
                 image_features.to(inputs_embeds.device, inputs_embeds.dtype),
             )
-            if self.has_active_hia():
-                if high_res_pixel_values is None:
-                    raise ValueError(
-                        "A HiA adapter is loaded but no high_res_pixel_values were given with the images; "
-                        "use QilinProcessor, which returns them, or disable the adapter"
-                    )
-                if high_res_pixel_values.shape[0] != image_features.shape[0]:
-                    raise ValueError(
-                        f"Got {image_features.shape[0]} low-resolution and {high_res_pixel_values.shape[0]} "
-                        "high-resolution images; they must pair up one to one"
-                    )
-                # HiA acts at prefill only: afterwards the edited visual tokens live in the KV cache.
-                image_batch_index, image_position_index = image_token_mask.nonzero(as_tuple=True)
-                kwargs["hia_inputs"] = HiAInputs(
-                    image_batch_index=image_batch_index,
-                    image_position_index=image_position_index,
-                    instruction_end_index=find_instruction_end_index(
-                        labels, attention_mask, inputs_embeds.shape[:2], inputs_embeds.device
-                    ),
-                    high_res_pixel_values=high_res_pixel_values,
-                    image_seq_length=image_features.shape[1],
-                    attentions=[] if output_hia_attentions else None,
-                )
 
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
-        hia_inputs = kwargs.get("hia_inputs")
         return QilinMedVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
-            hia_attentions=tuple(hia_inputs.attentions) if hia_inputs and hia_inputs.attentions else None,
-            hia_grid_size=hia_inputs.grid_size if hia_inputs is not None else None,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 
@@ -223,6 +244,9 @@ class QilinMedVLForConditionalGeneration(QilinMedVLPreTrainedModel, GenerationMi
     `pipeline("image-text-to-text")` return."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # With `tp_plan="auto"` the language model's own plan shards its layers; the head is split by vocabulary rows
+    # and gathered, as in transformers' Llava.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: QilinMedVLConfig):
         super().__init__(config)
@@ -235,19 +259,23 @@ class QilinMedVLForConditionalGeneration(QilinMedVLPreTrainedModel, GenerationMi
         """`PreTrainedModel.from_pretrained`, with bitsandbytes quantizing only the language model.
 
         `load_in_8bit=True` / `load_in_4bit=True` are accepted as shortcuts for a `BitsAndBytesConfig`. Unless the
-        config names its own `llm_int8_skip_modules`, the vision tower, projector and LM head stay unquantized.
+        config names its own `llm_int8_skip_modules`, the vision tower, projector and LM head stay unquantized. The
+        caller's config object is not modified.
         """
         load_in_8bit, load_in_4bit = kwargs.pop("load_in_8bit", False), kwargs.pop("load_in_4bit", False)
         quantization_config = kwargs.get("quantization_config")
         if (load_in_8bit or load_in_4bit) and quantization_config is None:
-            from transformers import BitsAndBytesConfig
+            quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": load_in_8bit,
+                                   "load_in_4bit": load_in_4bit}
+        is_bitsandbytes = (
+            quantization_config.get("quant_method") if isinstance(quantization_config, dict)
+            else getattr(quantization_config, "quant_method", None)
+        ) == "bitsandbytes"
+        if is_bitsandbytes:
+            from transformers import BitsAndBytesConfig  # only when quantization is asked for
 
-            quantization_config = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
-        if isinstance(quantization_config, dict) and quantization_config.get("quant_method") == "bitsandbytes":
-            from transformers import BitsAndBytesConfig
-
-            quantization_config = BitsAndBytesConfig.from_dict(quantization_config)
-        if getattr(quantization_config, "quant_method", None) == "bitsandbytes":
+            settings = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+            quantization_config = BitsAndBytesConfig.from_dict(dict(settings))
             if quantization_config.llm_int8_skip_modules is None:
                 quantization_config.llm_int8_skip_modules = list(QUANTIZATION_SKIP_MODULES)
             kwargs["quantization_config"] = quantization_config
@@ -290,22 +318,24 @@ class QilinMedVLForConditionalGeneration(QilinMedVLPreTrainedModel, GenerationMi
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See `QilinMedVLModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
+    @accept_legacy_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
-        high_res_pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_hia_attentions: bool = False,
+        high_res_pixel_values: torch.FloatTensor | None = None,
         **kwargs,
     ) -> QilinMedVLCausalLMOutputWithPast:
         """Shapes as in `QilinMedVLModel.forward`; `labels` `(batch_size, sequence_length)` with -100 where no
@@ -313,14 +343,12 @@ class QilinMedVLForConditionalGeneration(QilinMedVLPreTrainedModel, GenerationMi
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
-            high_res_pixel_values=high_res_pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
-            labels=labels,
             use_cache=use_cache,
-            output_hia_attentions=output_hia_attentions,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -335,16 +363,16 @@ class QilinMedVLForConditionalGeneration(QilinMedVLPreTrainedModel, GenerationMi
         return QilinMedVLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
-            hia_attentions=outputs.hia_attentions,
-            hia_grid_size=outputs.hia_grid_size,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         # Like pixel_values (dropped by transformers), the high-resolution view is read only at prefill; keeping it
         # would re-run the HiA encoder on every decode step.
         if not is_first_iteration and kwargs.get("use_cache", True):
