@@ -19,8 +19,11 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import select_hidden_states
 
 from .configuration_qilin_med_vl import QilinMedVLConfig
 
@@ -66,6 +69,9 @@ class QilinMedVLModelOutputWithPast(BaseModelOutputWithPast):
 
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
         Projected image features that replaced the `<image>` token embeddings.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        The vision tower's outputs for the images (`hidden_states`, `attentions` when asked for), with the projected
+        features as `pooler_output`, as transformers' multimodal models return them.
     hia_attentions (`tuple[torch.FloatTensor]`, *optional*):
         One tensor per HiA layer, shape `(num_images, num_queries, grid_h * grid_w)`: where the instruction-aware
         queries attended on the high-resolution grid, averaged over heads. Filled in by a HiA adapter when called
@@ -75,6 +81,7 @@ class QilinMedVLModelOutputWithPast(BaseModelOutputWithPast):
     """
 
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
     hia_attentions: tuple[torch.FloatTensor, ...] | None = None
     hia_grid_size: tuple[int, int] | None = None
 
@@ -88,6 +95,7 @@ class QilinMedVLCausalLMOutputWithPast(CausalLMOutputWithPast):
     """
 
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
     hia_attentions: tuple[torch.FloatTensor, ...] | None = None
     hia_grid_size: tuple[int, int] | None = None
 
@@ -128,6 +136,15 @@ class QilinMedVLPreTrainedModel(PreTrainedModel):
     # The model itself has no data-dependent control flow (HiA, when attached, adds its own at prefill only).
     _can_compile_fullgraph = True
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers treats out-of-tree classes as custom code and then skips, when initialising weights missing
+        # from a checkpoint (meta-device loading), every module that holds no parameter of its own, such as CLIP's
+        # attention blocks, whose `_init_weights` sets their projections' scale. Every `_init_weights` this model
+        # runs is transformers' own (CLIP, Llama, the generic Linear rule) and leaves loaded weights alone, so it is
+        # initialised like an in-tree model (measured: transformers' `test_can_init_all_missing_weights`).
+        return False
+
 
 class QilinMedVLModel(QilinMedVLPreTrainedModel):
     """Vision tower + projector + language model (no LM head). Merges image features into the token sequence."""
@@ -147,20 +164,21 @@ class QilinMedVLModel(QilinMedVLPreTrainedModel):
 
     @merge_with_config_defaults
     @can_return_tuple
+    @select_hidden_states("vision_feature_layer")
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """`pixel_values` `(num_images, 3, image_size, image_size)` -> the vision tower's outputs, with
         `pooler_output` holding the projected features `(num_images, image_seq_length, text_hidden_size)`.
 
         As transformers' Llava: `return_dict=False` gives a tuple, `output_hidden_states` / `output_attentions`
-        are passed to the vision tower, and the feature layer and strategy default to the config's.
+        are passed to the vision tower (which records only the projected layer unless all hidden states are asked
+        for), and the feature layer and strategy default to the config's.
         """
-        kwargs["output_hidden_states"] = True  # the projected layer is read from the hidden states
         image_outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), return_dict=True, **kwargs)
         selected = image_outputs.hidden_states[vision_feature_layer]
         if vision_feature_select_strategy == "default":
@@ -189,7 +207,7 @@ class QilinMedVLModel(QilinMedVLPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         high_res_pixel_values: torch.FloatTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> QilinMedVLModelOutputWithPast:
         """
         input_ids: `(batch_size, sequence_length)`; every image contributes `image_seq_length` `<image>` tokens.
@@ -204,9 +222,10 @@ class QilinMedVLModel(QilinMedVLPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        image_features = None
+        image_features = image_outputs = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            image_outputs = self.get_image_features(pixel_values, return_dict=True, **kwargs)
+            image_features = image_outputs.pooler_output
             image_token_mask = self.get_image_token_mask(input_ids, inputs_embeds)
             num_images, image_seq_length = image_features.shape[:2]
             if not torch.compiler.is_compiling():  # a data-dependent check; compiled graphs skip it, as Llava's do
@@ -235,6 +254,7 @@ class QilinMedVLModel(QilinMedVLPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
+            image_outputs=image_outputs,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
@@ -336,7 +356,7 @@ class QilinMedVLForConditionalGeneration(QilinMedVLPreTrainedModel, GenerationMi
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         high_res_pixel_values: torch.FloatTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> QilinMedVLCausalLMOutputWithPast:
         """Shapes as in `QilinMedVLModel.forward`; `labels` `(batch_size, sequence_length)` with -100 where no
         loss is taken (the prompt, images, padding); they are shifted inside the loss."""
@@ -366,6 +386,7 @@ class QilinMedVLForConditionalGeneration(QilinMedVLPreTrainedModel, GenerationMi
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
