@@ -396,3 +396,43 @@ def test_hia_trains_on_a_quantized_base(tmp_path, processor, images, quantizatio
     generated = model.generate(**processor(images=images[:2], text=COMPARE, return_tensors="pt"), max_new_tokens=3,
                                do_sample=False, pad_token_id=0)
     assert generated.shape[1] > 3
+
+
+def test_hia_attaches_to_transformers_llava_identity_trains_saves_reloads(processor, images, tmp_path):
+    """HiA needs nothing from the model it wraps: on transformers' own Llava (the same weights as a tiny Qilin-Med-VL)
+    it starts as the identity, trains, saves and reloads, and then acts exactly as the Qilin-Med-VL adapter does."""
+    from transformers import LlavaForConditionalGeneration
+
+    from qilin_med_vl.conversion import llava_config_from_qilin
+
+    def llava():
+        reference = tiny_model()  # seeded: the same weights every call
+        model = LlavaForConditionalGeneration(llava_config_from_qilin(reference.config)).eval()
+        model.load_state_dict(reference.state_dict(), strict=True)
+        return model
+
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        base_logits = llava()(**{k: v for k, v in inputs.items() if k != "high_res_pixel_values"}).logits
+        adapted = get_peft_model(llava(), hia_config())
+        torch.testing.assert_close(adapted(**inputs).logits, base_logits, atol=0, rtol=0)  # identity at creation
+
+    adapted.train()
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+    labels = inputs["input_ids"].clone()
+    for _ in range(3):
+        loss = adapted(**inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapted.eval()
+    with torch.no_grad():
+        trained_logits = adapted(**inputs).logits
+    assert (trained_logits - base_logits).abs().max() > 1e-4  # it trained and acts
+    adapted.save_pretrained(tmp_path)
+
+    with torch.no_grad():
+        reloaded = PeftModel.from_pretrained(llava(), tmp_path).eval()
+        torch.testing.assert_close(reloaded(**inputs).logits, trained_logits, atol=1e-6, rtol=0)
+        ours = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()  # the same adapter on Qilin-Med-VL
+        torch.testing.assert_close(ours(**inputs).logits, trained_logits, atol=1e-5, rtol=0)
