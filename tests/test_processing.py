@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,32 @@ def test_processor_round_trips_through_save_pretrained(processor, tmp_path):
     a, b = processor(images=[image], text=text, return_tensors="pt"), loaded(images=[image], text=text, return_tensors="pt")
     for key in a:
         assert torch.equal(a[key], b[key])
+
+
+def test_options_are_routed_like_every_transformers_processor(processor, images):
+    """Grouped (`text_kwargs` / `images_kwargs`) and flat options both take effect; none is dropped silently."""
+    text = ["<image>\n描述", "<image>\n请描述这张图片的病变位置"]
+    flat = processor(images=images[:2], text=text, padding_side="right", high_res_size=84, return_tensors="pt")
+    grouped = processor(images=images[:2], text=text, text_kwargs={"padding_side": "right"},
+                        images_kwargs={"high_res_size": 84}, return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "pixel_values", "high_res_pixel_values"):
+        assert torch.equal(flat[key], grouped[key]), key
+    assert flat["high_res_pixel_values"].shape[-1] == 84
+    assert flat["attention_mask"][0, -1] == 0  # right padding took effect
+
+
+def test_truncation_is_refused_and_unknown_options_are_named(processor, images, caplog):
+    with pytest.raises(ValueError, match="never truncates"):
+        processor(images=images[:1], text="<image>\n描述", truncation=True)
+    processor(images=images[:1], text="<image>\n描述", truncation=False)  # the default, accepted
+    with caplog.at_level(logging.WARNING):
+        processor(images=images[:1], text="<image>\n描述", an_option_nobody_knows=3)
+    assert "an_option_nobody_knows" in caplog.text
+    with pytest.raises(ValueError, match="return_overflowing_tokens"):
+        processor(images=images[:1], text="<image>\n描述", return_overflowing_tokens=True)
+
+
+def test_offsets_follow_each_samples_own_length_without_padding(processor):
+    out = processor(text=["短", "一个更长的问题"], padding=False, return_offsets_mapping=True)
+    assert [len(o) for o in out["offset_mapping"]] == [len(ids) for ids in out["input_ids"]]
+    assert len(out["input_ids"][0]) < len(out["input_ids"][1])

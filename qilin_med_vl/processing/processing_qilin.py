@@ -5,7 +5,7 @@ Remote code: imports only torch/numpy/PIL/transformers and flat siblings.
 """
 
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 # The vicuna `v1` template Qilin-Med-VL was trained with (LLaVA `conv_vicuna_v1`): the system prompt, then
 # "USER: ... ASSISTANT: ...</s>" turns, a space after each user turn and "</s>" after each assistant turn.
@@ -65,6 +65,14 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
+class QilinProcessorKwargs(ProcessingKwargs, total=False):
+    _defaults = {"text_kwargs": {"padding": True, "add_special_tokens": True, "return_offsets_mapping": False}}
+
+
+# Text options that change nothing here: the prompt is tokenized piecewise around the placeholders, never truncated.
+NO_EFFECT_TEXT_KWARGS = {"return_attention_mask": True, "return_token_type_ids": None, "verbose": True}
+
+
 class QilinProcessor(ProcessorMixin):
     r"""
     Builds model inputs from text with `<image>` placeholders and the images they stand for.
@@ -99,52 +107,66 @@ class QilinProcessor(ProcessorMixin):
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values", "high_res_pixel_values"]
 
-    def __call__(
-        self,
-        images=None,
-        text=None,
-        padding=True,
-        padding_side=None,
-        return_tensors=None,
-        add_special_tokens=True,
-        max_length=None,
-        return_offsets_mapping=False,
-        **kwargs,
-    ) -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
         """
         Args:
             images: one image, a flat list for all samples in order, or one list per sample. An image is a PIL
                 image, numpy array, torch tensor or file path (PNG/JPEG/DICOM).
             text (`str` or `list[str]`): prompts with one `<image>` per image, anywhere in the text.
-            padding: as for the tokenizer (`True` pads to the longest sample, on `padding_side`).
-            max_length (`int`, *optional*): the length limit after image expansion; defaults to the tokenizer's
-                `model_max_length`. Longer prompts raise instead of being truncated (never inside an image).
-            return_offsets_mapping (`bool`): also return `offset_mapping`, `(start, end)` character spans of each token
-                in the given text (image tokens and padding get empty spans), as fast tokenizers do. This is what
+            **kwargs: routed as in every transformers processor (`ProcessingKwargs`): flat, or grouped as
+                `text_kwargs={...}` / `images_kwargs={...}`; an option no part of the processor knows gets
+                transformers' "not a valid argument" warning. Text options:
+                `padding` (default `True`: to the longest sample, on `padding_side`), `padding_side`,
+                `add_special_tokens`, `return_tensors`;
+                `max_length`: the length limit after image expansion (default: the tokenizer's `model_max_length`);
+                longer prompts raise instead of being truncated (never inside an image), so `truncation=True` is
+                refused;
+                `return_offsets_mapping`: also return `offset_mapping`, `(start, end)` character spans of each token
+                in the given text (image tokens and padding get empty spans), as fast tokenizers do; this is what
                 `apply_chat_template(..., return_assistant_tokens_mask=True)` uses to find the assistant tokens.
-            **kwargs: image-processor options (`high_res_size`, `return_high_res`, `frame`, ...).
+                Image options: those of `QilinImageProcessor` (`high_res_size`, `return_high_res`, `frame`, ...).
 
         Returns:
             `BatchFeature` with `input_ids` and `attention_mask` `(batch_size, sequence_length)`, and when images
             are given `pixel_values` `(num_images, 3, 336, 336)` and `high_res_pixel_values`
             `(num_images, 3, high_res_size, high_res_size)`.
         """
+        if videos is not None or audio is not None:
+            raise ValueError("Qilin-Med-VL reads text and images only: pass video frames or DICOM frames as images")
         if text is None:
             raise ValueError("QilinProcessor needs text: a prompt with one <image> placeholder per image")
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a list of strings")
-        images_per_sample = self._match_images_to_text(images, texts)
-
+        output_kwargs = self._merge_kwargs(
+            QilinProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        text_kwargs, images_kwargs = output_kwargs["text_kwargs"], output_kwargs["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)
+        if text_kwargs.pop("truncation", None) not in (None, False, "do_not_truncate"):
+            raise ValueError(
+                "QilinProcessor never truncates (a cut could fall inside an image): a prompt over max_length raises"
+            )
         # Offsets stay in the coordinates of the given text (placeholders are expanded in token space only), so no
         # text-replacement bookkeeping is needed for assistant masks.
-        kwargs.pop("return_text_replacement_offsets", None)
+        text_kwargs.pop("return_text_replacement_offsets", None)
+        padding, padding_side = text_kwargs.pop("padding", True), text_kwargs.pop("padding_side", None)
+        add_special_tokens = text_kwargs.pop("add_special_tokens", True)
+        return_offsets_mapping = text_kwargs.pop("return_offsets_mapping", False)
+        max_length = text_kwargs.pop("max_length", None)
+        unsupported = {
+            key: value for key, value in text_kwargs.items()
+            if value not in (None, False) and (key not in NO_EFFECT_TEXT_KWARGS or NO_EFFECT_TEXT_KWARGS[key] != value)
+        }
+        if unsupported:
+            raise ValueError(f"QilinProcessor does not support these text options: {sorted(unsupported)}")
+
+        images_per_sample = self._match_images_to_text(images, texts)
         data = {}
         flat_images = [image for sample in images_per_sample for image in sample]
         if flat_images:
-            image_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in self.image_processor.valid_kwargs.__annotations__}
-            image_kwargs.update(kwargs.pop("images_kwargs", None) or {})
-            data.update(self.image_processor(flat_images, return_tensors=return_tensors, **image_kwargs))
+            data.update(self.image_processor(flat_images, return_tensors=return_tensors, **images_kwargs))
 
         limit = max_length or self.tokenizer.model_max_length
         input_ids, offsets = [], []
@@ -161,16 +183,18 @@ class QilinProcessor(ProcessorMixin):
         padded = self.tokenizer.pad(
             {"input_ids": input_ids},
             padding=padding,
+            max_length=max_length,
             padding_side=padding_side,
             return_tensors=return_tensors,
             return_attention_mask=True,
         )
         data.update(padded)
         if return_offsets_mapping:
-            length = len(padded["input_ids"][0])
             left = (padding_side or self.tokenizer.padding_side) == "left"
+            # Each sample's offsets are padded to its own padded length (unchanged when padding is off).
             data["offset_mapping"] = [
-                [(0, 0)] * (length - len(o)) + o if left else o + [(0, 0)] * (length - len(o)) for o in offsets
+                [(0, 0)] * (len(ids) - len(o)) + o if left else o + [(0, 0)] * (len(ids) - len(o))
+                for ids, o in zip(padded["input_ids"], offsets)
             ]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
