@@ -64,3 +64,10 @@ def test_device_map_auto_loads(saved_folder, processor):
     model = QilinMedVLForConditionalGeneration.from_pretrained(saved_folder, device_map="auto")
     inputs = processor(images=[random_image(0)], text="<image>\n描述", return_tensors="pt")
     assert model(**inputs).logits.shape[:2] == inputs.input_ids.shape
+
+
+def test_the_callers_quantization_config_is_left_as_it_was(saved_folder):
+    config = BitsAndBytesConfig(load_in_8bit=True)
+    before = config.to_dict()
+    QilinMedVLForConditionalGeneration.from_pretrained(saved_folder, device_map="cpu", quantization_config=config)
+    assert config.to_dict() == before and config.llm_int8_skip_modules is None
