@@ -216,12 +216,19 @@ def test_training_arguments_come_from_a_yaml_file_and_flags_win(tmp_path):
     assert training_args.num_train_epochs == 1 and args.num_queries == 256 and args.high_res_size == 672
 
 
-def test_shipped_distributed_configs_parse():
-    import yaml
+def test_shipped_distributed_configs_parse(tmp_path, caplog):
+    from qilin_med_vl.training.train import parse_args
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in ("deepspeed_zero2.json", "deepspeed_zero3.json"):
         stage = json.load(open(os.path.join(root, name)))["zero_optimization"]["stage"]
         assert stage == int(name[-6])
-    fsdp = yaml.safe_load(open(os.path.join(root, "fsdp.yaml")))
-    assert fsdp["fsdp"] == "full_shard auto_wrap"
+    # The FSDP file goes through the command's own parsing into TrainingArguments, in the current (non-deprecated)
+    # form: FSDP2, full sharding of both towers' decoder layers.
+    with caplog.at_level("WARNING"):
+        _, training_args = parse_args(["--stage", "instruct", "--model", "m", "--data", "d.jsonl", "--config",
+                                       os.path.join(root, "fsdp.yaml"), "--output-dir", str(tmp_path),
+                                       "--use-cpu", "true"])  # bf16 on a CPU-only machine needs use_cpu
+    assert training_args.fsdp_config["version"] == 2 and training_args.fsdp_config["reshard_after_forward"] is True
+    assert training_args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    assert "deprecated" not in caplog.text
