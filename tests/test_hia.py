@@ -436,3 +436,25 @@ def test_hia_attaches_to_transformers_llava_identity_trains_saves_reloads(proces
         torch.testing.assert_close(reloaded(**inputs).logits, trained_logits, atol=1e-6, rtol=0)
         ours = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()  # the same adapter on Qilin-Med-VL
         torch.testing.assert_close(ours(**inputs).logits, trained_logits, atol=1e-5, rtol=0)
+
+
+def test_adapter_dtype_follows_peft_rules(tmp_path, processor, images):
+    """For training, HiA follows `autocast_adapter_dtype` as LoRA does (float32 by default on a bf16 base, the
+    base dtype when it is False); loaded for inference, it runs in the base model's dtype."""
+
+    def hia_dtypes(model):
+        return {p.dtype for name, p in model.named_parameters() if ".hia." in name}
+
+    def bf16_base():
+        return tiny_model().to(torch.bfloat16)
+
+    assert hia_dtypes(get_peft_model(bf16_base(), hia_config())) == {torch.float32}
+    trained = get_peft_model(bf16_base(), hia_config(), autocast_adapter_dtype=False)
+    assert hia_dtypes(trained) == {torch.bfloat16}
+    trained.save_pretrained(tmp_path)
+    for_inference = PeftModel.from_pretrained(bf16_base(), tmp_path)
+    assert hia_dtypes(for_inference) == {torch.bfloat16}
+    assert hia_dtypes(PeftModel.from_pretrained(bf16_base(), tmp_path, is_trainable=True)) == {torch.float32}
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        assert for_inference(**inputs).logits.dtype == torch.bfloat16
