@@ -232,3 +232,20 @@ def test_shipped_distributed_configs_parse(tmp_path, caplog):
     assert training_args.fsdp_config["version"] == 2 and training_args.fsdp_config["reshard_after_forward"] is True
     assert training_args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer", "CLIPEncoderLayer"]
     assert "deprecated" not in caplog.text
+
+
+def test_fsdp_on_cpu_processes_is_refused_instead_of_silently_running_ddp(workspace, tmp_path):
+    """accelerate turns FSDP on only for multi-accelerator runs; under torchrun on CPU the same flags would train
+    every process on the whole model (DDP). The train command says so instead of pretending to shard."""
+    fsdp_config = os.path.join(os.path.dirname(__file__), "..", "configs", "fsdp.yaml")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+               "-m", "qilin_med_vl.cli", "train", "--stage", "hia", "--model", str(workspace / "base"),
+               "--data", str(workspace / "train.jsonl"), "--image-root", str(workspace), "--output-dir",
+               str(tmp_path / "out"), "--per-device-train-batch-size", "1", "--max-steps", "1", "--use-cpu",
+               "--bf16", "false", "--report-to", "none", "--num-queries", "8", "--num-heads", "4",
+               "--encoder-depths", "1", "1", "--encoder-width", "8", "--high-res-size", "56", "--config", fsdp_config]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=600)
+    assert result.returncode != 0
+    assert "FSDP was requested" in result.stderr and "FSDP needs several GPUs" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -119,7 +119,7 @@ def build_model(args, training_args):
         load_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype)
     model = AutoModelForImageTextToText.from_pretrained(args.model, **load_kwargs)
     if args.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(training_args.gradient_checkpointing))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(training_args.activation_checkpointing))
 
     if args.stage == "hia":
         model.requires_grad_(False)
@@ -149,6 +149,21 @@ def build_model(args, training_args):
     else:
         _freeze_for_stage(model, args.stage, args.train_vision)
     return model
+
+
+def _check_fsdp_is_active(trainer: Trainer) -> None:
+    """Refuse a run that asked for FSDP but would not shard: accelerate enables FSDP only for multi-accelerator
+    runs (GPU, NPU, XPU, HPU...), so on CPU processes (`--use-cpu`, gloo) the same flags train with plain DDP, every
+    process holding the whole model."""
+    from accelerate.utils import DistributedType
+
+    if trainer.args.fsdp and trainer.accelerator.distributed_type != DistributedType.FSDP:
+        raise SystemExit(
+            f"FSDP was requested (--fsdp / --config with fsdp) but accelerate set up "
+            f"{trainer.accelerator.distributed_type.value}: FSDP needs several GPUs (or NPUs, XPUs, HPUs) under "
+            "torchrun or accelerate launch; on CPU processes it would silently run as DDP. Drop the FSDP settings "
+            "to train with DDP."
+        )
 
 
 def main(argv=None) -> int:
@@ -191,6 +206,7 @@ def main(argv=None) -> int:
         data_collator=ConversationCollator(processor, args.image_root, template, args.max_length,
                                            return_high_res=args.stage == "hia"),
     )
+    _check_fsdp_is_active(trainer)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     # Adapter-only for HiA and LoRA (a PeftModel saves its adapter); the whole model otherwise.
     trainer.save_model(training_args.output_dir)
