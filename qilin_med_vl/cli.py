@@ -102,9 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_convert(commands)
     add_push(commands)
-    from .benchmark import add_cli as add_bench
-
-    add_bench(commands)
     return parser
 
 

@@ -91,12 +91,17 @@ def tiny_config(
     image_size: int = 28,
     patch_size: int = 14,
     projector_type: str = "mlp2x_gelu",
+    image_token_id: int | None = None,
+    vision_kwargs: dict | None = None,
     **text_kwargs,
 ) -> QilinMedVLConfig:
-    """A tiny Qilin-Med-VL config. Hidden sizes of 64 or more keep bitsandbytes 4-bit usable on CPU."""
-    tokenizer_size = len(tiny_tokenizer())
-    vocab_size = vocab_size or tokenizer_size
-    image_token_id = tiny_tokenizer().convert_tokens_to_ids(IMAGE_TOKEN)
+    """A tiny Qilin-Med-VL config. Hidden sizes of 64 or more keep bitsandbytes 4-bit usable on CPU. `text_kwargs` and
+    `vision_kwargs` override entries of the text and vision configs; `vocab_size` and `image_token_id` default to those
+    of `tiny_tokenizer()`."""
+    if not vocab_size or image_token_id is None:
+        tokenizer = tiny_tokenizer()
+        vocab_size = vocab_size or len(tokenizer)
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if image_token_id is None else image_token_id
     text_config = {
         "model_type": "llama",
         "hidden_size": hidden_size,
@@ -120,6 +125,7 @@ def tiny_config(
         "image_size": image_size,
         "patch_size": patch_size,
         "projection_dim": vision_hidden_size,
+        **(vision_kwargs or {}),
     }
     return QilinMedVLConfig(
         text_config=text_config,

@@ -552,7 +552,6 @@ def test_safetensors_writer_round_trips_every_dtype(tmp_path):
 PEAK_MEMORY = textwrap.dedent(
     """
     import json, sys, torch
-    sys.path.insert(0, sys.argv[3])
     torch.set_num_threads(1)
     from qilin_med_vl.conversion import convert_original
 
@@ -562,7 +561,7 @@ PEAK_MEMORY = textwrap.dedent(
                 return int(line.split()[1]) * 1024
 
     def convert(output):
-        convert_original(sys.argv[1], output, clip=sys.argv[4], max_shard_size=sys.argv[5], progress=False)
+        convert_original(sys.argv[1], output, clip=sys.argv[3], max_shard_size=sys.argv[4], progress=False)
 
     convert(sys.argv[2] + "-warm-up")  # first-use costs (imports, tokenizer conversion) are not the shards'
     with open("/proc/self/clear_refs", "w") as handle:
@@ -617,8 +616,7 @@ def test_streamed_conversion_peak_memory_stays_near_one_shard(tmp_path, clip_fol
         **big_text}))
     shard_bytes = total / shards
     result = subprocess.run(
-        [sys.executable, "-c", PEAK_MEMORY, str(source), str(tmp_path / "out"), os.getcwd(), str(clip_folder),
-         "5GB"],
+        [sys.executable, "-c", PEAK_MEMORY, str(source), str(tmp_path / "out"), str(clip_folder), "5GB"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
