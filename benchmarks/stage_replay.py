@@ -23,6 +23,7 @@ import copy
 from contextlib import nullcontext
 
 import torch
+from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 
 from .flops import flop_counter
 from .memory import LiveTensorBytes, parameter_bytes
@@ -127,7 +128,7 @@ def measure_prefill_stages(model, num_images: int, text_tokens: int = 64, vision
         with flops, memory:
             outputs = inner.language_model(inputs_embeds=merged, use_cache=True)
             logits = base.lm_head(outputs.last_hidden_state[:, -1:])
-            kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in outputs.past_key_values.layers)
+            kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in getattr(outputs, CACHE_NAME).layers)
         result["stage2_language_model"] = {"flops": flops.get_total_flops() if count_flops else None,
                                            "peak_bytes": memory.peak, "kv_cache_bytes": kv}
         del outputs, logits

@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 
 from .flops import decode_weight_bytes, kv_cache_bytes
 from .memory import parameter_bytes
@@ -101,7 +102,7 @@ def manual_decode(model, inputs, new_tokens: int, cache: str = "dynamic", compil
     steps = []
     with torch.inference_mode():
         start = time.perf_counter()
-        out = model(**inputs, past_key_values=past, use_cache=True, logits_to_keep=1)
+        out = model(**inputs, **{CACHE_NAME: past}, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         synchronize()
         prefill = time.perf_counter() - start
@@ -111,7 +112,7 @@ def manual_decode(model, inputs, new_tokens: int, cache: str = "dynamic", compil
             if compiled is not None and mark is not None and device.type == "cuda":
                 mark()
             begin = time.perf_counter()
-            out = step(input_ids=token, past_key_values=past, cache_position=position,
+            out = step(input_ids=token, **{CACHE_NAME: past}, cache_position=position,
                        position_ids=position.unsqueeze(0).expand(batch, 1), use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             synchronize()

@@ -8,6 +8,7 @@ import statistics
 import time
 
 import torch
+from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 
 from .flops import decode_flops, kv_cache_bytes, prefill_flops
 from .memory import DispatchedOps, peak_live_bytes
@@ -82,11 +83,11 @@ def hia_decode_overhead_microbenchmark(steps: int = 200) -> dict:
                   "hia": (adapted.get_base_model(), make_inputs(config, 2, 48, 112))}
         best = {name: float("inf") for name in models}
         with torch.inference_mode():
-            caches = {name: m(**i, use_cache=True, logits_to_keep=1).past_key_values for name, (m, i) in models.items()}
+            caches = {name: getattr(m(**i, use_cache=True, logits_to_keep=1), CACHE_NAME) for name, (m, i) in models.items()}
             for _ in range(steps if label.startswith("bench") else 3 * steps):
                 for name, (model, _) in models.items():
                     start = time.perf_counter()
-                    model(input_ids=torch.tensor([[5]]), past_key_values=caches[name], use_cache=True,
+                    model(input_ids=torch.tensor([[5]]), **{CACHE_NAME: caches[name]}, use_cache=True,
                           logits_to_keep=1)
                     best[name] = min(best[name], time.perf_counter() - start)
                     caches[name].crop(-1)
@@ -194,7 +195,7 @@ def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int =
             with torch.inference_mode():
                 out = model(**model_inputs, use_cache=True, logits_to_keep=1)
                 with DispatchedOps() as ops:
-                    model(input_ids=torch.tensor([[5]]), past_key_values=out.past_key_values, use_cache=True,
+                    model(input_ids=torch.tensor([[5]]), **{CACHE_NAME: getattr(out, CACHE_NAME)}, use_cache=True,
                           logits_to_keep=1)
             decode_operators[name] = sum(ops.counts.values())
         # Same weights with the adapter on and off is the fair "with / without HiA": two models doing identical work

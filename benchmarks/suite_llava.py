@@ -6,6 +6,7 @@ import statistics
 import time
 
 import torch
+from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 
 from .memory import DispatchedOps, in_subprocess, parameter_bytes, peak_live_bytes, pin_malloc_to_mmap, rss_peak_delta
 from .models import bench_config, build_model, llava_twin, make_inputs, prefill_once
@@ -41,11 +42,11 @@ def overhead_microbenchmark(calls: int = 500, rounds: int = 2) -> dict:
     inputs = make_inputs(config, 1, 20)
     best = {name: {"decode_step_us": float("inf"), "prefill_us": float("inf")} for name in models}
     with torch.inference_mode():
-        caches = {name: m(**inputs, use_cache=True, logits_to_keep=1).past_key_values for name, m in models.items()}
+        caches = {name: getattr(m(**inputs, use_cache=True, logits_to_keep=1), CACHE_NAME) for name, m in models.items()}
 
         def step(name):
             start = time.perf_counter()
-            models[name](input_ids=torch.tensor([[5]]), past_key_values=caches[name], use_cache=True, logits_to_keep=1)
+            models[name](input_ids=torch.tensor([[5]]), **{CACHE_NAME: caches[name]}, use_cache=True, logits_to_keep=1)
             elapsed = time.perf_counter() - start
             caches[name].crop(-1)
             return elapsed
@@ -87,7 +88,7 @@ def run_llava_comparison(repeats: int = 15, warmup: int = 2, new_tokens: int = 3
         with torch.inference_mode():
             with DispatchedOps() as prefill_ops:
                 out = model(**inputs, use_cache=True, logits_to_keep=1)
-            step = {"input_ids": torch.tensor([[5]]), "past_key_values": out.past_key_values, "use_cache": True,
+            step = {"input_ids": torch.tensor([[5]]), CACHE_NAME: getattr(out, CACHE_NAME), "use_cache": True,
                     "logits_to_keep": 1}
             with DispatchedOps() as decode_ops:
                 model(**step)

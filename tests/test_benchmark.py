@@ -24,6 +24,7 @@ from benchmarks.memory import LiveTensorBytes, peak_live_bytes
 from benchmarks.models import bench_config, build_model, hia_config_for, make_inputs, qilin_class, with_vision_size
 from benchmarks.stage_replay import build_meta_model, measure_prefill_stages
 from benchmarks.suite_hia import hia_grid_13b
+from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 from qilin_med_vl.modeling.high_resolution_encoder_hia import HighResolutionEncoder
 
 
@@ -83,10 +84,10 @@ def test_decode_step_flops_and_kv_cache_bytes():
     inputs = make_inputs(config, 1, text_tokens=20)
     _, out = counted_flops(model, inputs, use_cache=True, logits_to_keep=1)
     context = inputs["input_ids"].shape[1]
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_NAME)
     stored = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert stored == kv_cache_bytes(config.text_config, context, bytes_per_element=4)
-    step = {"input_ids": torch.tensor([[5]]), "past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+    step = {"input_ids": torch.tensor([[5]]), CACHE_NAME: cache, "use_cache": True, "logits_to_keep": 1}
     counted, _ = counted_flops(model, step)
     assert counted == pytest.approx(decode_flops(config, context), rel=0.01)
 
