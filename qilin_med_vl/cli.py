@@ -9,7 +9,7 @@ def _load(args):
     from .loading import load_model_and_processor
 
     return load_model_and_processor(args.model, args.adapter, args.device, args.dtype, args.load_in_4bit,
-                                    args.load_in_8bit)
+                                    args.load_in_8bit, allow_missing_weights=args.allow_missing_weights)
 
 
 def _user_message(images, question):
@@ -70,6 +70,8 @@ def _add_model_arguments(parser):
     quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (language model only)")
     quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (language model only)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--allow-missing-weights", action="store_true",
+                        help="load a checkpoint whose weights do not match its config (missing ones are random)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -204,12 +204,29 @@ def find_weight_files(folder: Path) -> list[Path]:
     ):
         index = folder / index_name
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / name for name in names]
+            return index_shard_files(folder, index)
         files = sorted(folder.glob(pattern))
         if files:
             return files
     return []
+
+
+def index_shard_files(folder: Path, index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, sorted. Raises `ConversionError` naming the index when it is not
+    valid JSON with a `weight_map`, or names a file outside `folder` (`../x.bin`, an absolute path, a link out):
+    a checkpoint must never make us read, or publish, a file it does not contain."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConversionError(f"{index}: not a valid shard index ({type(error).__name__}: {error})") from None
+    files = []
+    for name in names:
+        # Checked lexically, not by resolving links: a Hugging Face cache snapshot's shards are links into its blobs.
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ConversionError(f"{index} maps weights to {name!r}, outside {folder}; refusing to read it")
+        files.append(folder / name)
+    return files
 
 
 def _load_bin(path: Path) -> dict:
@@ -392,34 +409,103 @@ class ShardWriter:
         return names
 
 
+def check_not_inside(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str = "input"
+                     ) -> None:
+    """Refuse an `output` folder that is, or contains, one of `inputs`: replacing it would delete what is being
+    read (`convert SRC SRC --force`, or an output that is a parent of the source)."""
+    target = Path(output).resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue  # a Hub repo id lives in the cache, never under a user's output folder
+        source = Path(item).resolve()
+        if source == target or target in source.parents:
+            raise ValueError(
+                f"The output {output} is or contains the {what} {item}; replacing it would delete the {what}. "
+                "Choose an output folder outside it."
+            )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _remove_stale_staging(output: Path) -> None:
+    """Staging folders that a killed run (SIGKILL, power loss) left next to `output`: their names carry the pid of
+    the process that made them, so only those whose process is gone are removed."""
+    if not output.parent.is_dir():
+        return
+    for path in output.parent.glob(f".{glob_escape(output.name)}.partial-*"):
+        match = re.fullmatch(rf"\.{re.escape(output.name)}\.partial-(\d+)-.*", path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
 @contextmanager
-def staged_output(output: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def _terminate_as_interrupt():
+    """SIGTERM (a `kill`, a job scheduler's time limit) ends the process without unwinding the stack, so no
+    `finally` would remove a half-written staging folder. Within this block it raises `KeyboardInterrupt` instead
+    (in the main thread only: signals cannot be handled elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def staged_output(output: str | os.PathLike, force: bool = False,
+                  protect: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
     """A temporary folder next to `output` that becomes `output` only if the block completes, so an interrupted or
-    failed conversion leaves no half-written model. An existing non-empty `output` needs `force=True`."""
+    failed conversion leaves no half-written model. An existing non-empty `output` needs `force=True`; an `output`
+    that is or contains one of the `protect` paths (the inputs) is always refused. Ctrl-C and SIGTERM remove the
+    staging folder; one left by a killed process is removed by the next run for the same `output`."""
     output = Path(output)
+    check_not_inside(output, protect)
     if output.exists() and not force and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} already exists; pass force=True (--force) to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's private 0o700 is not what a model folder should end up with
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():
-        # Move the old output aside first: a crash between the two renames still leaves one complete model.
-        retired = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-        output.rename(retired)
-        staging.rename(output)
-        if retired.is_dir():
-            shutil.rmtree(retired, ignore_errors=True)
+    _remove_stale_staging(output)
+    with _terminate_as_interrupt():
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            staging.chmod(0o777 & ~umask)  # mkdtemp's private 0o700 is not what a model folder should end up with
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if output.exists():
+            # Move the old output aside first: a crash between the two renames still leaves one complete model.
+            retired = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+            output.rename(retired)
+            staging.rename(output)
+            if retired.is_dir() and not retired.is_symlink():
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                retired.unlink()
         else:
-            retired.unlink()
-    else:
-        staging.rename(output)
+            staging.rename(output)
 
 
 def progress_bar(total_bytes: int, enabled: bool, description: str):
@@ -775,7 +861,8 @@ def convert_original(
 
     read_files = [*llm_files, *clip_files, *([projector_file] if projector_file else [])]
     total = sum(path.stat().st_size for path in read_files)
-    with staged_output(output, force) as staging, progress_bar(total, progress, "Converting") as bar:
+    inputs = [source, clip, base_model, source_folder, clip_folder, llm_folder]
+    with staged_output(output, force, protect=inputs) as staging, progress_bar(total, progress, "Converting") as bar:
         writer = ShardWriter(staging, parse_size(max_shard_size))
 
         def emit(source_key: str, target: str, tensor: torch.Tensor) -> None:

@@ -4,12 +4,20 @@
 Remote code: imports only numpy/PIL/transformers and flat siblings (pydicom lazily, through image_loading_qilin).
 """
 
+import numpy as np
+from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.processing_utils import ImagesKwargs
 
 from .image_loading_qilin import load_image
+
+# Padding to a square happens at the image's full size (as the original `expand2square` did), so its cost grows with
+# the square of the long side. An image whose long side is more than this many times the largest output side is
+# first resized (bicubic) to exactly that long side; below it the pixels are those of the original pipeline
+# exactly, above it they differ by the rounding of one extra resize (see tests/test_safety_images.py).
+PRE_SHRINK_FACTOR = 4
 
 
 class QilinImagesKwargs(ImagesKwargs, total=False):
@@ -63,6 +71,12 @@ class QilinImageProcessor(LlavaImageProcessorPil):
 
     def _preprocess(self, images, high_res_size=None, return_high_res=None, frame=None, **kwargs) -> BatchFeature:
         return_tensors = kwargs.pop("return_tensors", None)
+        if kwargs.get("do_pad"):
+            sides = [high_res_size if return_high_res else 0]
+            for size in (kwargs.get("size"), kwargs.get("crop_size")):
+                sides += [value for value in (getattr(size, "shortest_edge", None), getattr(size, "height", None),
+                                              getattr(size, "width", None)) if value]
+            images = [_shrink_long_side(image, PRE_SHRINK_FACTOR * max(sides)) for image in images]
         low_res = super()._preprocess(images, return_tensors=None, **kwargs)
         data = {"pixel_values": low_res["pixel_values"]}
         if return_high_res:
@@ -72,6 +86,20 @@ class QilinImageProcessor(LlavaImageProcessorPil):
                 "pixel_values"
             ]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+def _shrink_long_side(image, limit: int):
+    """`image` (`(channels, height, width)` uint8, as the PIL backend holds it) resized so that its long side is
+    `limit` pixels when it is longer: the square it is padded to then holds `limit**2` pixels, not `long_side**2`."""
+    channels, height, width = image.shape
+    if max(height, width) <= limit or not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        return image
+    scale = limit / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    pil = Image.fromarray(np.ascontiguousarray(np.moveaxis(image, 0, -1)).squeeze(-1) if channels == 1
+                          else np.ascontiguousarray(np.moveaxis(image, 0, -1)))
+    resized = np.asarray(pil.resize(new_size, Image.BICUBIC))
+    return resized[None] if resized.ndim == 2 else np.ascontiguousarray(np.moveaxis(resized, -1, 0))
 
 
 def _load_nested(images, frame):
