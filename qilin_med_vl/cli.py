@@ -2,6 +2,7 @@
 """The `qilin-med-vl` command line."""
 
 import argparse
+import os
 import sys
 
 
@@ -127,7 +128,15 @@ def main(argv=None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, OSError) as error:
+        # The package's errors (ConversionError, ImageLoadingError, DataValidationError, ... are ValueErrors; a
+        # refused or missing file is an OSError) name the file and the problem: one line, not a traceback.
+        if os.environ.get("QILIN_MED_VL_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
