@@ -13,12 +13,15 @@ from transformers.processing_utils import ImagesKwargs
 
 from .image_loading_qilin import load_image
 
-# Padding to a square happens at the image's full size (as the original `expand2square` did), so its cost grows with
-# the square of the long side. An image whose long side is more than this many times the largest output side is
-# first resized (bicubic) to exactly that long side; below it the pixels are those of the original pipeline
-# exactly, above it they differ by the rounding of one extra resize (see tests/test_safety_images.py).
-PRE_SHRINK_FACTOR = 4
-
+# Padding to a square happens at the image's full size in the original pipeline (`expand2square`, then resize), so
+# its memory grows with the square of the long side: a 200 x 10000 image becomes a 10000 x 10000 square. An image
+# whose long side is more than this many times the output side is instead resized straight to the output square
+# (`_pad_and_resize`): only the band of output pixels the image reaches is computed, from the image plus a few
+# padding pixels, with the same PIL filter and coordinates. The pixels are those of the full-size square except
+# that about 1% of them may differ by one grey level (PIL derives its filter weights from the box coordinates in
+# floating point, and a rounding flip moves a fixed-point sum across .5). Images up to the limit take the
+# original path unchanged.
+DIRECT_PAD_FACTOR = 4
 
 class QilinImagesKwargs(ImagesKwargs, total=False):
     """
@@ -71,35 +74,72 @@ class QilinImageProcessor(LlavaImageProcessorPil):
 
     def _preprocess(self, images, high_res_size=None, return_high_res=None, frame=None, **kwargs) -> BatchFeature:
         return_tensors = kwargs.pop("return_tensors", None)
-        if kwargs.get("do_pad"):
-            sides = [high_res_size if return_high_res else 0]
-            for size in (kwargs.get("size"), kwargs.get("crop_size")):
-                sides += [value for value in (getattr(size, "shortest_edge", None), getattr(size, "height", None),
-                                              getattr(size, "width", None)) if value]
-            images = [_shrink_long_side(image, PRE_SHRINK_FACTOR * max(sides)) for image in images]
-        low_res = super()._preprocess(images, return_tensors=None, **kwargs)
+        low_res = self._preprocess_view(images, kwargs)
         data = {"pixel_values": low_res["pixel_values"]}
         if return_high_res:
             side = SizeDict(height=high_res_size, width=high_res_size)
             high_res_kwargs = {**kwargs, "size": side, "crop_size": side}
-            data["high_res_pixel_values"] = super()._preprocess(images, return_tensors=None, **high_res_kwargs)[
-                "pixel_values"
-            ]
+            data["high_res_pixel_values"] = self._preprocess_view(images, high_res_kwargs)["pixel_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def _preprocess_view(self, images, kwargs) -> BatchFeature:
+        size = kwargs.get("size")
+        side = getattr(size, "shortest_edge", None) or (
+            size.height if getattr(size, "height", None) and size.height == getattr(size, "width", None) else None)
+        if kwargs.get("do_pad") and kwargs.get("do_resize") and side:
+            # Large images become the `side` x `side` square here; the parent's pad (of a square) and resize (to
+            # its own size) then leave them as they are.
+            mean = kwargs.get("image_mean")
+            background = tuple(int(x * 255) for x in mean) if mean else (0, 0, 0)
+            resample = kwargs.get("resample")
+            resample = Image.Resampling.BICUBIC if resample is None else resample
+            images = [_pad_and_resize(image, side, background, resample)
+                      if max(image.shape[-2:]) > DIRECT_PAD_FACTOR * side else image for image in images]
+        return super()._preprocess(images, return_tensors=None, **kwargs)
 
-def _shrink_long_side(image, limit: int):
-    """`image` (`(channels, height, width)` uint8, as the PIL backend holds it) resized so that its long side is
-    `limit` pixels when it is longer: the square it is padded to then holds `limit**2` pixels, not `long_side**2`."""
-    channels, height, width = image.shape
-    if max(height, width) <= limit or not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+
+def _pad_and_resize(image, side: int, background: tuple, resample) -> np.ndarray:
+    """`image` `(3, height, width)` uint8 padded to a square with `background` (centred, as `pad_to_square`) and
+    resized to `(3, side, side)` without building the full-size square.
+
+    PIL resizes in two separable passes, each output pixel a filtered sum over a window of input pixels. Output
+    pixels whose window holds only padding are the background colour; the others are computed by `Image.resize`
+    with a `box` in the coordinates of the full-size square, from the image plus enough padding on both sides to
+    cover their windows. Memory: the image plus that margin, not `long_side**2`; time: proportional to the image,
+    not to the square. Other inputs are returned as they are (the parent pipeline handles them)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] != 3:
         return image
-    scale = limit / max(height, width)
-    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    pil = Image.fromarray(np.ascontiguousarray(np.moveaxis(image, 0, -1)).squeeze(-1) if channels == 1
-                          else np.ascontiguousarray(np.moveaxis(image, 0, -1)))
-    resized = np.asarray(pil.resize(new_size, Image.BICUBIC))
-    return resized[None] if resized.ndim == 2 else np.ascontiguousarray(np.moveaxis(resized, -1, 0))
+    _, height, width = image.shape
+    long_side = max(height, width)
+    tall = height >= width
+    short_side = width if tall else height
+    offset = (long_side - short_side) // 2  # where pad_to_square puts the image along its short side
+    scale = side / long_side  # output pixels per input pixel
+    support = 2.0 / scale  # bicubic (and bilinear, smaller) window half-width in input pixels when shrinking
+    first = max(0, int(np.floor((offset - support) * scale - 0.5)))  # output pixels before it see only padding
+    last = min(side, int(np.ceil((offset + short_side + support) * scale + 0.5)))
+    margin = int(np.ceil(2 * support + 2 / scale)) + 2
+    before, after = min(margin, offset), min(margin, long_side - offset - short_side)
+    band_shape = (long_side, before + short_side + after, 3) if tall else (before + short_side + after, long_side, 3)
+    band = np.empty(band_shape, dtype=np.uint8)
+    band[...] = np.asarray(background, dtype=np.uint8)
+    pixels = np.moveaxis(image, 0, -1)
+    if tall:
+        band[:, before : before + short_side] = pixels
+    else:
+        band[before : before + short_side] = pixels
+    start = offset - before  # the band's first row/column in the full square
+    low, high = first / scale - start, last / scale - start
+    box = (low, 0, high, long_side) if tall else (0, low, long_side, high)
+    out_size = (last - first, side) if tall else (side, last - first)
+    resized = np.asarray(Image.fromarray(band).resize(out_size, resample, box=box))
+    result = np.empty((side, side, 3), dtype=np.uint8)
+    result[...] = np.asarray(background, dtype=np.uint8)
+    if tall:
+        result[:, first:last] = resized
+    else:
+        result[first:last] = resized
+    return np.ascontiguousarray(np.moveaxis(result, -1, 0))
 
 
 def _load_nested(images, frame):
