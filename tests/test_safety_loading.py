@@ -64,7 +64,7 @@ def test_chat_refuses_in_one_line_and_allows_with_the_flag(renamed, tmp_path, ca
     image = tmp_path / "a.png"
     random_image(0).save(image)
     assert cli(["chat", "--model", str(renamed), "--image", str(image), "--max-new-tokens", "1",
-                "<image>描述"]) == 2
+                "描述"]) == 2
     err = capsys.readouterr().err
     assert "linear_9.weight" in err and "--allow-missing-weights" in err and "Traceback" not in err
     assert cli(["chat", "--model", str(renamed), "--image", str(image), "--max-new-tokens", "1",

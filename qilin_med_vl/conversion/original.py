@@ -230,12 +230,35 @@ def index_shard_files(folder: Path, index: Path) -> list[Path]:
 
 
 def _load_bin(path: Path) -> dict:
+    """A `.bin` (torch pickle) file's state dict, memory-mapped where the format allows. Only tensors and plain
+    containers are unpickled (`weights_only=True`); anything else, and a damaged file, raise `ConversionError`
+    naming the file."""
+    import pickle
+
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path}: the file is empty (an interrupted download or copy?)")
     try:
-        # Memory-mapped: a tensor is read from disk only when it is used, so a shard never sits in memory twice.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Files from before torch's zip format (torch < 1.6) cannot be mapped.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            # Memory-mapped: a tensor is read from disk only when it is used, so a shard never sits in memory twice.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Files from before torch's zip format (torch < 1.6) cannot be mapped.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message suggests weights_only=False, which would run whatever code the file carries: never do.
+        match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if match is None:
+            operand = re.search(r"Unsupported operand \d+", str(error))
+            raise ConversionError(f"{path}: not a readable torch checkpoint, truncated or damaged (unpickling "
+                                  f"failed{': ' + operand.group(0) if operand else ''})") from None
+        raise ConversionError(
+            f"{path}: refused: the pickle holds an object of type {match.group(1)}, not only tensors. Only plain "
+            "state dicts are read, since unpickling anything else can run code. Convert the file to safetensors "
+            "where it was made, from a source you trust."
+        ) from None
+    except (EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError, MemoryError, struct.error) as error:
+        raise ConversionError(f"{path}: not a readable torch checkpoint, truncated or damaged "
+                              f"({type(error).__name__}: {str(error)[:300]})") from None
 
 
 SAFETENSORS_DTYPES = {
@@ -255,14 +278,43 @@ SAFETENSORS_TO_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items(
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file as views of a memory map of it (copy-on-write: nothing is read until
-    used, and the file is never modified), like `torch.load(mmap=True)` for `.bin` files."""
+    used, and the file is never modified), like `torch.load(mmap=True)` for `.bin` files. The header is checked
+    first (its size, JSON, dtypes, shapes and offsets against the file's size): a truncated or damaged file raises
+    `ConversionError` naming it instead of reading past its end."""
+    size = path.stat().st_size
+
+    def damaged(problem: str) -> ConversionError:
+        return ConversionError(f"{path}: not a valid safetensors file, truncated or damaged ({problem})")
+
+    if size < 8:
+        raise damaged(f"{size} bytes, shorter than the 8-byte header length")
     with open(path, "rb") as handle:
         header_size = struct.unpack("<Q", handle.read(8))[0]
-        header = json.loads(handle.read(header_size))
-        if path.stat().st_size == 8 + header_size:  # no tensor data: nothing to map
-            mapped = None
-        else:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        if header_size > size - 8 or header_size > 100 * 2**20:
+            raise damaged(f"the header claims {header_size:,} bytes but the file has {size:,}")
+        try:
+            header = json.loads(handle.read(header_size))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise damaged(f"the header is not JSON: {error}") from None
+        if not isinstance(header, dict):
+            raise damaged("the header is not a JSON object")
+        data_size = size - 8 - header_size
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_TO_TORCH[info["dtype"]]
+                start, end = (int(value) for value in info["data_offsets"])
+                shape = [int(value) for value in info["shape"]]
+            except (KeyError, TypeError, ValueError) as error:
+                raise damaged(f"tensor {key!r} has an unreadable entry {str(info)[:120]} ({error!r})") from None
+            count = 1
+            for dimension in shape:
+                count *= dimension
+            if min(shape, default=0) < 0 or not 0 <= start <= end <= data_size or end - start != count * dtype.itemsize:
+                raise damaged(f"tensor {key!r} ({info['dtype']} {shape}) at bytes {start}..{end} does not fit the "
+                              f"{data_size:,} bytes of data")
+        mapped = None if data_size == 0 else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     tensors = {}
     for key, info in header.items():
         if key == "__metadata__":
