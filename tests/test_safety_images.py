@@ -282,3 +282,43 @@ def test_fuzz_the_processor_gives_a_batch_or_a_documented_error(images, high_res
     assert torch.isfinite(out["pixel_values"]).all()
     if high_res:
         assert out["high_res_pixel_values"].shape == (len(images), 3, 56, 56)
+
+
+# Chat messages: random structures, some well-formed, most not.
+_values = st.one_of(st.none(), st.integers(-3, 3), st.text(max_size=12), st.sampled_from(["<image>", "user", "text"]))
+_blocks = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(st.text(max_size=20), _values)}),
+    st.fixed_dictionaries({"type": st.just("image")}, optional={"image": st.just("PIL")}),
+    st.dictionaries(st.sampled_from(["type", "text", "image", "path", "url"]),
+                    st.one_of(_values, st.sampled_from(["video", "audio", "image", "text"])), max_size=3),
+    _values,
+)
+_messages = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                           "content": st.one_of(st.text(max_size=30), st.lists(_blocks, max_size=3))}),
+    st.dictionaries(st.sampled_from(["role", "content", "name"]), st.one_of(_values, st.lists(_blocks, max_size=2)),
+                    max_size=3),
+    _values,
+)
+_conversations = st.one_of(st.lists(_messages, max_size=4), st.lists(st.lists(_messages, max_size=3), max_size=2),
+                           _values)
+
+
+def _with_images(value):
+    if isinstance(value, dict):
+        return {key: (Image.new("RGB", (8, 8)) if item == "PIL" else _with_images(item)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_with_images(item) for item in value]
+    return value
+
+
+@FUZZ
+@given(_conversations, st.booleans())
+def test_fuzz_chat_messages_give_inputs_or_a_value_error(processor, conversation, generation_prompt):
+    conversation = _with_images(conversation)
+    try:
+        out = processor.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=True,
+                                            return_dict=True, return_tensors="pt")
+    except (ValueError, TypeError):  # check_chat_messages, placeholder/image counts, ImageLoadingError
+        return
+    assert out["input_ids"].ndim == 2 and out["input_ids"].shape[1] > 0

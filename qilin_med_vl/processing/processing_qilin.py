@@ -253,6 +253,8 @@ def check_chat_messages(conversation) -> None:
                 raise ValueError(f"{where}message {index}: a {type(message).__name__}, not a {{'role', 'content'}} dict")
             if message.get("role") not in CHAT_ROLES:
                 raise ValueError(f"{where}message {index}: role {message.get('role')!r} is not one of {CHAT_ROLES}")
+            if message["role"] == "system" and index > 0:
+                raise ValueError(f"{where}message {index}: a system message can only come first")
             content = message.get("content")
             if isinstance(content, str):
                 continue
