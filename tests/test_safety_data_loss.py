@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -245,7 +244,8 @@ def test_convert_chimed_vl_failure_leaves_the_previous_output(tmp_path):
     output.write_text('{"id": "from the last good run"}\n')
 
     def records():
-        yield "in.jsonl:1", {"id": "1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+        turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+        yield "in.jsonl:1", {"id": "1", "conversations": turns}
         raise OSError("the disk went away")
 
     with pytest.raises(OSError):
@@ -289,4 +289,3 @@ def test_staging_left_by_a_killed_process_is_removed_by_the_next_run(tmp_path):
     with staged_output(tmp_path / "out") as staging:
         (staging / "config.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"]
-    time.sleep(0)  # (no timing involved: the pid decides)

@@ -259,7 +259,8 @@ def test_fuzz_pil_modes(mode, width, height, seed, frame):
 
 @FUZZ
 @given(st.binary(min_size=0, max_size=2048), st.sampled_from(["", ".png", ".jpg", ".dcm", ".bmp", ".tif", ".gif"]),
-       st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF89a", b"II*\x00", b"\xff\xd8\xff", b"\0" * 128 + b"DICM"]))
+       st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF89a", b"II*\x00", b"\xff\xd8\xff",
+                        b"\0" * 128 + b"DICM"]))
 def test_fuzz_random_bytes_as_files(tmp_path_factory, data, suffix, magic):
     path = tmp_path_factory.mktemp("bytes") / f"input{suffix}"
     path.write_bytes(magic + data)
@@ -306,7 +307,7 @@ _conversations = st.one_of(st.lists(_messages, max_size=4), st.lists(st.lists(_m
 
 def _with_images(value):
     if isinstance(value, dict):
-        return {key: (Image.new("RGB", (8, 8)) if item == "PIL" else _with_images(item)) for key, item in value.items()}
+        return {key: Image.new("RGB", (8, 8)) if item == "PIL" else _with_images(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_with_images(item) for item in value]
     return value

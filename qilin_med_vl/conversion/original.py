@@ -311,7 +311,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
             count = 1
             for dimension in shape:
                 count *= dimension
-            if min(shape, default=0) < 0 or not 0 <= start <= end <= data_size or end - start != count * dtype.itemsize:
+            fits = 0 <= start <= end <= data_size and end - start == count * dtype.itemsize
+            if min(shape, default=0) < 0 or not fits:
                 raise damaged(f"tensor {key!r} ({info['dtype']} {shape}) at bytes {start}..{end} does not fit the "
                               f"{data_size:,} bytes of data")
         mapped = None if data_size == 0 else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)

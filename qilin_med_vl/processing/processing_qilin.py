@@ -250,7 +250,8 @@ def check_chat_messages(conversation) -> None:
             raise ValueError(f"{where.rstrip(', ') or 'The conversation'} has no messages")
         for index, message in enumerate(messages):
             if not isinstance(message, dict):
-                raise ValueError(f"{where}message {index}: a {type(message).__name__}, not a {{'role', 'content'}} dict")
+                raise ValueError(
+                    f"{where}message {index}: a {type(message).__name__}, not a {{'role', 'content'}} dict")
             if message.get("role") not in CHAT_ROLES:
                 raise ValueError(f"{where}message {index}: role {message.get('role')!r} is not one of {CHAT_ROLES}")
             if message["role"] == "system" and index > 0:
@@ -268,7 +269,8 @@ def check_chat_messages(conversation) -> None:
                                      f"{block!r:.80}")
                 if block["type"] not in CHAT_BLOCK_TYPES:
                     raise ValueError(f"{name}: blocks of type {block['type']!r} are not supported: Qilin-Med-VL "
-                                     "reads text and images (a video or a multi-frame DICOM: pass one frame as an image)")
+                                     "reads text and images (for a video or a multi-frame DICOM, pass one frame as "
+                                     "an image)")
                 if block["type"] == "text" and not isinstance(block.get("text"), str):
                     raise ValueError(f"{name}: a text block needs a string 'text', got {block.get('text')!r:.80}")
 
