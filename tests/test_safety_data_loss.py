@@ -60,6 +60,20 @@ def test_convert_command_line_says_so_in_one_line(release, capsys):
     assert err.startswith("error: ") and "Traceback" not in err and (source / "config.json").is_file()
 
 
+def test_convert_force_replaces_only_a_model_folder(release, tmp_path):
+    source, clip = release
+    documents = tmp_path / "Documents"
+    documents.mkdir()
+    (documents / "thesis.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match="thesis.tex"):
+        convert_original(source, documents, clip=clip, force=True, progress=False)
+    assert (documents / "thesis.tex").read_text() == "mine"
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        convert_original(source, tmp_path / "file", clip=clip, force=True, progress=False)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
 # 2. push --dry-run --assembled DIR replaced an existing DIR
 
 

@@ -525,17 +525,34 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _check_replaceable(output: Path) -> None:
+    """`force` replaces a folder as a whole, so only one that holds a saved model (a `config.json`: an earlier
+    conversion or `save_pretrained`) or nothing at all; a file, a link or a folder of other things is refused."""
+    if output.is_symlink() or not output.is_dir():
+        raise FileExistsError(f"{output} exists and is not a folder; --force only replaces a model folder")
+    entries = sorted(path.name for path in output.iterdir())
+    if entries and "config.json" not in entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"{output} holds files that are not a saved model ({shown}); --force only replaces a model folder "
+            "(one with a config.json). Choose another output folder."
+        )
+
+
 @contextmanager
 def staged_output(output: str | os.PathLike, force: bool = False,
                   protect: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
     """A temporary folder next to `output` that becomes `output` only if the block completes, so an interrupted or
-    failed conversion leaves no half-written model. An existing non-empty `output` needs `force=True`; an `output`
-    that is or contains one of the `protect` paths (the inputs) is always refused. Ctrl-C and SIGTERM remove the
+    failed conversion leaves no half-written model. An existing non-empty `output` needs `force=True`, and is then
+    replaced only if it holds a saved model (a `config.json`); an `output` that is or contains one of the `protect`
+    paths (the inputs) is always refused. Ctrl-C and SIGTERM remove the
     staging folder; one left by a killed process is removed by the next run for the same `output`."""
     output = Path(output)
     check_not_inside(output, protect)
     if output.exists() and not force and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} already exists; pass force=True (--force) to replace it")
+    if output.exists() and force:
+        _check_replaceable(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(output)
     with _terminate_as_interrupt():
