@@ -2,6 +2,7 @@
 """The `qilin-med-vl` command line."""
 
 import argparse
+import os
 import sys
 
 
@@ -9,7 +10,7 @@ def _load(args):
     from .loading import load_model_and_processor
 
     return load_model_and_processor(args.model, args.adapter, args.device, args.dtype, args.load_in_4bit,
-                                    args.load_in_8bit)
+                                    args.load_in_8bit, allow_missing_weights=args.allow_missing_weights)
 
 
 def _user_message(images, question):
@@ -17,12 +18,26 @@ def _user_message(images, question):
     return {"role": "user", "content": content + [{"type": "text", "text": question}]}
 
 
-def _answer(model, processor, messages, max_new_tokens, stream=sys.stdout):
+def check_images(paths, frame=None) -> str | None:
+    """The first problem with the image files (one line naming the file), or None: checked before a model load
+    that takes seconds to minutes, so a typo fails at once."""
+    from .processing.image_loading_qilin import ImageLoadingError, load_image
+
+    for path in paths:
+        try:
+            load_image(path, frame=frame)
+        except (ImageLoadingError, ImportError, TypeError) as error:
+            return str(error) + (" (choose one with --frame N)" if "pass frame=" in str(error) else "")
+    return None
+
+
+def _answer(model, processor, messages, max_new_tokens, stream=sys.stdout, frame=None):
     """Generate one assistant turn, printing tokens as they come; returns the answer text."""
     from transformers import TextStreamer
 
     inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        **({"processor_kwargs": {"frame": frame}} if frame is not None else {}),
     ).to(model.device)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
@@ -39,9 +54,17 @@ def chat(args) -> int:
             return 2
         args.model = str(DEMO_MODEL_DIR)
         args.adapter = args.adapter or "hia"
+    problem = check_images(args.image, args.frame)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.question and "<image>" in args.question:
+        print("error: the question contains <image>: the --image files are placed before it automatically",
+              file=sys.stderr)
+        return 2
     model, processor = _load(args)
     if args.question:
-        _answer(model, processor, [_user_message(args.image, args.question)], args.max_new_tokens)
+        _answer(model, processor, [_user_message(args.image, args.question)], args.max_new_tokens, frame=args.frame)
         return 0
     # Multi-turn: the images belong to the first user turn; later turns talk about the same images.
     messages, images = [], list(args.image)
@@ -56,7 +79,8 @@ def chat(args) -> int:
         messages.append(_user_message(images, question))
         images = []
         print("ASSISTANT: ", end="", flush=True)
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": _answer(model, processor, messages, args.max_new_tokens)}]})
+        answer = _answer(model, processor, messages, args.max_new_tokens, frame=args.frame)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return 0
 
 
@@ -70,6 +94,8 @@ def _add_model_arguments(parser):
     quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (language model only)")
     quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (language model only)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--allow-missing-weights", action="store_true",
+                        help="load a checkpoint whose weights do not match its config (missing ones are random)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat_parser = commands.add_parser("chat", help="ask about one or more images (PNG, JPEG, DICOM)")
     _add_model_arguments(chat_parser)
     chat_parser.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    chat_parser.add_argument("--frame", type=int, help="frame of multi-frame DICOM images (0-based)")
     chat_parser.add_argument("question", nargs="?", help="the question; omit it for a multi-turn chat")
     chat_parser.set_defaults(handler=chat)
     # `train` takes every TrainingArguments flag too, so it parses its own arguments (see main).
@@ -122,7 +149,15 @@ def main(argv=None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, OSError) as error:
+        # The package's errors (ConversionError, ImageLoadingError, DataValidationError, ... are ValueErrors; a
+        # refused or missing file is an OSError) name the file and the problem: one line, not a traceback.
+        if os.environ.get("QILIN_MED_VL_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -85,8 +85,14 @@ def run_demo(args) -> int:
         print("The embedded demo model is not in this installation; pass --model.", file=sys.stderr)
         return 1
     adapter = None if args.no_adapter else (args.adapter or ("hia" if os.path.isdir(Path(model_path) / "hia") else None))
-    model, processor = load_model_and_processor(model_path, adapter, args.device)
     images = args.image or [str(DEMO_EXAMPLES_DIR / "before.png"), str(DEMO_EXAMPLES_DIR / "after.png")]
+    from .cli import check_images
+
+    problem = check_images(images)  # before the model load, which takes a while
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    model, processor = load_model_and_processor(model_path, adapter, args.device)
     print(NOT_FOR_CLINICAL_USE, file=sys.stderr)
     print(f"images: {', '.join(map(str, images))}\nquestion: {args.question}\nHiA: {'on' if adapter else 'off'}\n",
           file=sys.stderr)

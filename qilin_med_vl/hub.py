@@ -10,15 +10,17 @@ with its YAML metadata checked.
     ...             card="qilin-med-vl-hia", dry_run=True)  # doctest: +SKIP
 """
 
+import fnmatch
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from .conversion.original import find_weight_files, staged_output
+from .conversion.original import check_not_inside, find_weight_files, index_shard_files, staged_output
 
 ADAPTER_SUBFOLDER = "hia"
 # Each card in model_cards/ names its own repo with one of these ids; `render_model_card` puts the real one in.
@@ -30,8 +32,34 @@ CARD_REPO_IDS = {
 REQUIRED_METADATA = ("license", "language", "pipeline_tag", "library_name", "tags", "base_model")
 REQUIRED_LANGUAGES = {"zh", "en"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-# Files of a model folder that are not part of the published model.
-SKIPPED_MODEL_FILES = {"README.md", "conversion_report.json", ".gitattributes"}
+# What `push` takes from a model folder: an allow-list, so a training run folder (optimizer states, checkpoints,
+# `training_args.bin`, a stray token file or a link to one) never leaks to the Hub by accident. Patterns match the
+# path relative to the model folder, one path level per pattern level. Anything else is listed as left out, and
+# goes only when asked for by name (`include`).
+UPLOAD_ALLOW_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/*.jinja",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model-*-of-*.bin",
+    "pytorch_model.bin.index.json",
+    "*.py",  # remote code (configuration_*, modeling_*, processing_*, image_*)
+)
+# Training leftovers that are never uploaded, even from a folder an allow pattern would otherwise reach.
+NEVER_UPLOADED_PATTERNS = ("checkpoint-*", "global_step*", "optimizer.pt", "scheduler.pt", "training_args.bin",
+                           "rng_state*.pth", "trainer_state.json")
 
 
 def model_cards_folder() -> Path:
@@ -99,9 +127,11 @@ def check_repo_folder(folder: str | os.PathLike) -> list[str]:
         problems.append(f"config.json describes a {config.get('model_type')!r} model, not qilin_med_vl")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        missing = sorted({name for name in json.loads(index.read_text())["weight_map"].values()
-                          if not (folder / name).is_file()})
-        problems += [f"weight shard {name} is missing" for name in missing]
+        try:
+            shards = index_shard_files(folder, index)
+        except ValueError as error:
+            return [str(error)]
+        problems += [f"weight shard {path.name} is missing" for path in shards if not path.is_file()]
     elif not find_weight_files(folder):
         problems.append("no model weights (model.safetensors)")
     auto_maps = [config.get("auto_map", {})]
@@ -158,6 +188,7 @@ def assemble_repo(
     repo_id: str | None = None,
     base_model: str | None = None,
     force: bool = False,
+    include: Iterable[str] = (),
 ) -> Path:
     """Builds the folder to upload: the model folder's files, the HiA adapter as `hia/`, and `README.md`.
 
@@ -169,8 +200,11 @@ def assemble_repo(
             `qilin-med-vl-hia` with an adapter, else `qilin-med-vl`.
         repo_id: the repo the card should name in its examples.
         base_model: overrides the card's `base_model` metadata.
+        include: glob patterns of further files to take from the model folder (see `select_upload_files`: only
+            allow-listed files are taken by default).
 
-    Raises `ValueError` listing every problem when the assembled folder would not load from the Hub.
+    Raises `ValueError` listing every problem when the assembled folder would not load from the Hub, and when a
+    file to take is a link out of the model folder. `output` may not be or contain the model or adapter folder.
     """
     model = Path(model)
     if not (model / "config.json").is_file():
@@ -181,24 +215,99 @@ def assemble_repo(
         raise FileNotFoundError(f"Adapter folder {adapter} not found")
     card = card or ("qilin-med-vl-hia" if has_adapter else "qilin-med-vl")
     readme = render_model_card(card, repo_id, base_model)
+    selection = select_upload_files(model, adapter if has_adapter else None, include)
+    check_not_inside(output, [model, adapter if has_adapter else None], "model folder")
     with staged_output(output, force) as staging:
-        for path in sorted(model.iterdir()):
-            if path.name in SKIPPED_MODEL_FILES or path.name.startswith(".") or path.name == ADAPTER_SUBFOLDER:
-                continue
-            if path.is_dir():  # e.g. additional_chat_templates/
-                shutil.copytree(path, staging / path.name)
-            else:
-                shutil.copy2(path, staging / path.name)
-        if has_adapter:
-            (staging / ADAPTER_SUBFOLDER).mkdir()
-            for name in ADAPTER_FILES:
-                if (adapter / name).is_file():
-                    shutil.copy2(adapter / name, staging / ADAPTER_SUBFOLDER / name)
+        for name, source in selection.files.items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # The link is resolved (inside the model folder, checked): the repo gets the bytes, not a link.
+            shutil.copyfile(source, target)
         (staging / "README.md").write_text(readme, encoding="utf-8")
         problems = check_repo_folder(staging)
         if problems:
             raise ValueError(f"The assembled repo would not load: {'; '.join(problems)}")
     return Path(output)
+
+
+@dataclass
+class UploadSelection:
+    """What `assemble_repo` takes: `files` maps a repo path to its source file; `left_out` lists the model
+    folder's other files (repo-relative), which are not uploaded."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)
+
+
+def _matches(path: str, patterns: Iterable[str]) -> bool:
+    parts = PurePosixPath(path).parts
+    for pattern in patterns:
+        pattern_parts = PurePosixPath(pattern).parts
+        if len(pattern_parts) == len(parts) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern_parts)):
+            return True
+    return False
+
+
+def _never_uploaded(path: str) -> bool:
+    return any(fnmatch.fnmatchcase(part, pattern) for part in PurePosixPath(path).parts
+               for pattern in NEVER_UPLOADED_PATTERNS)
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where a link in `folder` may point: inside it, and for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/<commit>`, whose files are links into `../../blobs`) that repo's blobs."""
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        roots.append((folder.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _checked_file(path: Path, folder: Path, name: str) -> Path:
+    """`path` when it is a regular file, or a link to one, inside `folder`; anything else is refused by name."""
+    if path.is_symlink():
+        target = path.resolve()
+        if not any(target == root or root in target.parents for root in _allowed_roots(folder)):
+            raise ValueError(
+                f"{name} in {folder} is a symbolic link to {os.readlink(path)}, outside the folder; links out of the "
+                "folder are never uploaded (they may point at a token or private data). Copy the file in if it "
+                "belongs to the model."
+            )
+    if not path.is_file():
+        raise ValueError(f"{name} in {folder} is not a regular file")
+    return path
+
+
+def select_upload_files(model: str | os.PathLike, adapter: str | os.PathLike | None = None,
+                        include: Iterable[str] = ()) -> UploadSelection:
+    """The files `push` uploads from a model folder: those matching `UPLOAD_ALLOW_PATTERNS` (weights, configs,
+    tokenizer and processor files, remote-code `.py` files), the adapter files of every subfolder holding an
+    `adapter_config.json`, and the `adapter` folder's as `hia/`. Training leftovers (`checkpoint-*`,
+    `global_step*`, `optimizer.pt`, `training_args.bin`, ...) and everything else go only when an `include` glob
+    pattern names them. A selected file that is a link pointing outside the folder raises `ValueError`."""
+    model = Path(model)
+    include = tuple(include)
+    selection = UploadSelection()
+    adapter_dirs = {path.parent.relative_to(model).as_posix() for path in model.glob("*/adapter_config.json")}
+    for path in sorted(model.rglob("*")):
+        name = path.relative_to(model).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            continue
+        if name == "README.md" or (adapter is not None and name.startswith(f"{ADAPTER_SUBFOLDER}/")):
+            continue  # the card is rendered; an explicit adapter replaces the folder's own hia/
+        parent = PurePosixPath(name).parent.as_posix()
+        allowed = (_matches(name, UPLOAD_ALLOW_PATTERNS) or (parent in adapter_dirs and PurePosixPath(name).name in
+                   ADAPTER_FILES)) and not _never_uploaded(name) and not PurePosixPath(name).name.startswith(".")
+        if allowed or _matches(name, include):
+            selection.files[name] = _checked_file(path, model, name)
+        else:
+            selection.left_out.append(name)
+    if adapter is not None:
+        adapter = Path(adapter)
+        for file_name in ADAPTER_FILES:
+            if (adapter / file_name).exists() or (adapter / file_name).is_symlink():
+                selection.files[f"{ADAPTER_SUBFOLDER}/{file_name}"] = _checked_file(adapter / file_name, adapter,
+                                                                                   file_name)
+    return selection
 
 
 def list_upload(folder: str | os.PathLike) -> list[tuple[str, int]]:
@@ -211,7 +320,8 @@ def list_upload(folder: str | os.PathLike) -> list[tuple[str, int]]:
 
 @dataclass
 class PushResult:
-    """What was (or, for a dry run, would be) sent: `files` as `(path, bytes)`; `commit_url` after an upload."""
+    """What was (or, for a dry run, would be) sent: `files` as `(path, bytes)`; `commit_url` after an upload;
+    `left_out`: the model folder's files that are not sent."""
 
     repo_id: str
     revision: str | None
@@ -219,14 +329,18 @@ class PushResult:
     dry_run: bool
     files: list[tuple[str, int]] = field(default_factory=list)
     commit_url: str | None = None
+    left_out: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
+    def summary(self, uploading: bool = False) -> str:
         total = sum(size for _, size in self.files)
         where = f"{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
-        verb = "would upload" if self.dry_run else "uploaded"
+        verb = "would upload" if self.dry_run else "uploading" if uploading else "uploaded"
         private = " (private)" if self.private else ""
         lines = [f"{verb} {len(self.files)} files ({total / 2**20:.1f} MiB) to {where}{private}"]
         lines += [f"  {path}  {size:,} B" for path, size in self.files]
+        if self.left_out:
+            lines.append(f"not uploaded ({len(self.left_out)} files; --include PATTERN to add one):")
+            lines += [f"  {path}" for path in self.left_out]
         if self.commit_url:
             lines.append(f"  commit: {self.commit_url}")
         return "\n".join(lines)
@@ -245,6 +359,8 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str | None = None,
     assembled: str | os.PathLike | None = None,
+    include: Iterable[str] = (),
+    announce: Callable[[PushResult], None] | None = None,
 ) -> PushResult:
     """Assembles the repo folder (see `assemble_repo`) and uploads it with `huggingface_hub`.
 
@@ -252,19 +368,31 @@ def push_to_hub(
         repo_id: the target repo, created if it does not exist.
         private: create the repo private.
         revision: a branch to push to (created if needed); default the main branch.
-        dry_run: only assemble and list what would be sent; nothing touches the network.
+        dry_run: only assemble (in a temporary folder) and list what would be sent; nothing touches the network
+            and nothing is written anywhere else.
         token: a Hub token; default the logged-in one.
-        assembled: keep the assembled folder here (default: a temporary folder, removed afterwards).
+        assembled: keep the assembled folder here (a new or empty folder: an existing one is never replaced).
+            Not with `dry_run`.
+        include: glob patterns of files beyond the allow-list to send (e.g. `"checkpoint-*/*"`).
+        announce: called with the file list before anything is uploaded (the command line prints it).
     """
-    if assembled and Path(assembled).resolve() in (Path(model).resolve(), *Path(model).resolve().parents):
-        raise ValueError(f"--assembled {assembled} would replace the model folder {model}; choose another folder")
+    if assembled and dry_run:
+        raise ValueError("A dry run writes nothing outside a temporary folder: drop --assembled, or --dry-run")
+    if assembled:
+        check_not_inside(assembled, [model, adapter], "model folder")
+        if Path(assembled).exists() and (not Path(assembled).is_dir() or any(Path(assembled).iterdir())):
+            raise FileExistsError(f"--assembled {assembled} already exists and is not empty; it is never replaced: "
+                                  "choose a new folder")
     with tempfile.TemporaryDirectory(prefix="qilin-push-") as temporary:
         folder = Path(assembled) if assembled else Path(temporary) / "repo"
         assemble_repo(model, folder, adapter=adapter, card=card, repo_id=repo_id, base_model=base_model,
-                      force=bool(assembled))
-        result = PushResult(repo_id, revision, private, dry_run, list_upload(folder))
+                      force=bool(assembled), include=include)
+        left_out = select_upload_files(model, adapter, include).left_out
+        result = PushResult(repo_id, revision, private, dry_run, list_upload(folder), left_out=left_out)
         if dry_run:
             return result
+        if announce is not None:
+            announce(result)
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
@@ -295,8 +423,10 @@ def _run(args) -> int:
         token=args.token,
         commit_message=args.commit_message,
         assembled=args.assembled,
+        include=args.include or (),
+        announce=lambda pending: print(pending.summary(uploading=True), flush=True),
     )
-    print(result.summary())
+    print(result.summary() if result.dry_run else f"uploaded; commit: {result.commit_url}")
     return 0
 
 
@@ -317,7 +447,11 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--dry-run", action="store_true", help="assemble and list what would be sent; upload nothing")
     parser.add_argument("--token", help="Hub token (default: the logged-in one)")
     parser.add_argument("--commit-message", help="commit message")
-    parser.add_argument("--assembled", help="keep the assembled repo folder here (replaced if it exists)")
+    parser.add_argument("--assembled", help="keep the assembled repo folder here (a new folder; not with --dry-run)")
+    parser.add_argument("--include", action="append", metavar="PATTERN",
+                        help="also upload files of the model folder matching this glob (e.g. 'checkpoint-*/*'); "
+                             "by default only weights, configs, tokenizer/processor files, remote code and "
+                             "adapters go")
     parser.set_defaults(handler=_run)
 
 
@@ -329,4 +463,5 @@ __all__ = [
     "list_upload",
     "push_to_hub",
     "render_model_card",
+    "select_upload_files",
 ]

@@ -2,7 +2,42 @@
 """One place that loads a model (optionally quantized, optionally with an adapter) and its processor, for the
 command line, the evaluation and the demos."""
 
+import os
+
 import torch
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint whose weights do not match its config: tensors the model needs are missing (transformers would
+    fill them with random values), or the files hold tensors the model does not have (usually renamed keys)."""
+
+
+def check_loading_info(info: dict, model: str) -> None:
+    """Raise `IncompleteCheckpointError` naming the tensors when `info` (`from_pretrained(...,
+    output_loading_info=True)`) reports missing, unexpected or wrongly shaped weights."""
+    problems = []
+    for key, what in (("missing_keys", "missing (would be random)"), ("unexpected_keys", "not used by the model"),
+                      ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(name) for name in info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            problems.append(f"{len(names)} weight(s) {what}: {shown}")
+    if problems:
+        raise IncompleteCheckpointError(
+            f"{model}: the weights do not match the config ({'; '.join(problems)}). The checkpoint is damaged or "
+            "its config.json does not describe it; pass allow_missing_weights=True (--allow-missing-weights) to "
+            "load it anyway."
+        )
+
+
+def check_model_location(model: str, what: str = "--model") -> None:
+    """A path-like `model` (absolute, `./`, `~`, or more than one `/`) that is not a folder is a typo, not a Hub
+    repo id: say so instead of huggingface_hub's "Repo id must be in the form ..."."""
+    text = os.fspath(model)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.path.exists(text)
+    if looks_local and not os.path.isdir(os.path.expanduser(text)):
+        state = "is not a folder" if os.path.exists(os.path.expanduser(text)) else "does not exist"
+        raise FileNotFoundError(f"{what} {text}: the local folder {state}")
 
 
 def load_model_and_processor(
@@ -12,6 +47,7 @@ def load_model_and_processor(
     dtype: str | torch.dtype | None = None,
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
+    allow_missing_weights: bool = False,
 ):
     """`(model, processor)` ready for generation.
 
@@ -21,6 +57,12 @@ def load_model_and_processor(
         device: a device or device map (`"cpu"`, `"cuda:0"`, `"auto"`); quantized models default to `"auto"`.
         dtype: weights dtype (`"bfloat16"`, `torch.float16`, ...).
         load_in_4bit / load_in_8bit: bitsandbytes quantization of the language model only.
+        allow_missing_weights: load a checkpoint whose weights do not match its config (missing tensors are then
+            randomly initialised). By default that raises `IncompleteCheckpointError` naming the tensors.
+
+    Raises:
+        `FileNotFoundError`: `model` or `adapter` looks like a local path but is not a folder.
+        `IncompleteCheckpointError`: see `allow_missing_weights`.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
@@ -28,6 +70,9 @@ def load_model_and_processor(
 
     if load_in_4bit and load_in_8bit:
         raise ValueError("Choose one of load_in_4bit and load_in_8bit")
+    check_model_location(model, "model")
+    if adapter and adapter != "hia":
+        check_model_location(adapter, "adapter")
     kwargs = {}
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -40,7 +85,10 @@ def load_model_and_processor(
         device = device or "auto"
     if device:
         kwargs["device_map"] = device
-    loaded = AutoModelForImageTextToText.from_pretrained(model, **kwargs).eval()
+    loaded, info = AutoModelForImageTextToText.from_pretrained(model, output_loading_info=True, **kwargs)
+    if not allow_missing_weights:
+        check_loading_info(info, model)
+    loaded.eval()
     processor = AutoProcessor.from_pretrained(model)
     if adapter:
         loaded.load_adapter(adapter)

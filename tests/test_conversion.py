@@ -328,6 +328,10 @@ def test_refuses_to_overwrite_without_force(release, clip_folder, tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         convert_original(folder, output, clip=clip_folder, progress=False)
     assert (output / "keep.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError, match="not a saved model"):  # --force replaces model folders only
+        convert_original(folder, output, clip=clip_folder, progress=False, force=True)
+    assert (output / "keep.txt").read_text() == "mine"
+    (output / "config.json").write_text("{}")  # an earlier conversion
     convert_original(folder, output, clip=clip_folder, progress=False, force=True)
     assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or retired folders left

@@ -209,8 +209,8 @@ def test_dry_run_lists_files_and_touches_no_network(model_folder, monkeypatch):
 
 def test_assembled_folder_may_not_replace_the_model(model_folder):
     folder, _ = model_folder
-    with pytest.raises(ValueError, match="would replace the model folder"):
-        push_to_hub(folder, "me/tiny", dry_run=True, assembled=folder)
+    with pytest.raises(ValueError, match="would delete the model folder"):
+        push_to_hub(folder, "me/tiny", assembled=folder)
     assert (folder / "model.safetensors").is_file()
 
 
@@ -230,7 +230,7 @@ def test_push_creates_private_repo_branch_and_uploads(model_folder, monkeypatch)
     assert result.commit_url == "https://example.invalid/commit/1"
 
 
-def test_cli_push_dry_run_keeps_the_assembled_folder(model_folder, tmp_path, capsys):
+def test_cli_push_keeps_the_assembled_folder(model_folder, tmp_path, capsys, monkeypatch):
     import argparse
 
     from qilin_med_vl.hub import add_cli
@@ -238,11 +238,14 @@ def test_cli_push_dry_run_keeps_the_assembled_folder(model_folder, tmp_path, cap
     folder, _ = model_folder
     parser = argparse.ArgumentParser(prog="qilin-med-vl")
     add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["push", str(folder), "me/tiny", "--dry-run", "--card", "qilin-med-vl-demo",
+    RecordingApi.calls = []
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingApi)
+    args = parser.parse_args(["push", str(folder), "me/tiny", "--card", "qilin-med-vl-demo",
                               "--assembled", str(tmp_path / "assembled"), "--base-model", "me/base"])
     assert args.handler(args) == 0
     out = capsys.readouterr().out
-    assert "would upload" in out and "hia/adapter_config.json" in out
+    # The list is printed before the upload starts.
+    assert "uploading" in out and "hia/adapter_config.json" in out and "commit: https://example.invalid" in out
     card = ModelCard.load(tmp_path / "assembled" / "README.md")
     assert card.data.base_model == "me/base" and "me/tiny" in card.text
     assert json.loads((tmp_path / "assembled" / "hia" / "adapter_config.json").read_text())["peft_type"] == "HIA"

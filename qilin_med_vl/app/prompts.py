@@ -111,6 +111,14 @@ def check_question(question: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
             f"问题过长：{len(question)} 个字符，上限 {max_chars}。 "
             f"(Prompt too long: {len(question)} characters, the limit is {max_chars}.)"
         )
+    if "<image>" in question:
+        # The processor reads "<image>" as a placeholder for one more image than were uploaded. The page places the
+        # images itself, in upload order, so typed placeholders are never needed.
+        raise AppInputError(
+            "问题中请不要输入 <image>：图片会按上传顺序自动放在问题前面，可用“第一张”“第二张”指代。 "
+            "(Please remove <image> from the question: the uploaded images are placed before it automatically, in "
+            "upload order; refer to them as the first, second, ... image.)"
+        )
     return question
 
 

@@ -302,8 +302,11 @@ class ModelManager:
     """Holds the one loaded model; `get` loads on first use or when another spec is asked for (the old one is
     dropped first, so two models never sit in memory together)."""
 
-    def __init__(self, spec: ModelSpec | None = None):
+    def __init__(self, spec: ModelSpec | None = None, allow_model_switching: bool = False):
         self.spec = spec or ModelSpec.create()
+        # Whether page visitors may load another model. Off by default: the model box would otherwise let anyone who
+        # reaches the page read any local folder the server can, or start a Hub download of any size.
+        self.allow_model_switching = allow_model_switching
         self._loaded: LoadedModel | None = None
         self._lock = threading.Lock()
 
@@ -461,7 +464,13 @@ def on_preset(files, task: str, language: str):
 
 
 def on_load_model(manager: ModelManager, model: str, adapter: str, quantization: str):
-    """The load button: `(model status, HiA checkbox value)`."""
+    """The load button: `(model status, HiA checkbox value)`. Refused unless the server was started with
+    `--allow-model-switching` (checked here, not only by hiding the button: the event is reachable by API)."""
+    if not manager.allow_model_switching:
+        return error_markdown(
+            "模型由服务器启动者选定。 (The model is chosen by whoever started the server: restart it with --model, or "
+            "with --allow-model-switching to let visitors load models.)"), manager.loaded is not None and \
+            manager.loaded.has_hia
     try:
         spec = ModelSpec.create(model, adapter="auto" if (adapter or "").strip() == "auto" else adapter,
                                 quantization=quantization, device=manager.spec.device, dtype=manager.spec.dtype)
@@ -506,14 +515,15 @@ def build_app(manager: ModelManager | None = None, max_new_tokens: int = DEFAULT
                                       columns=MAX_IMAGES, height=230, object_fit="contain", elem_id="heatmaps",
                                       interactive=False)
                 with gr.Accordion("模型 · Model", open=False):
+                    switching = manager.allow_model_switching
                     model_box = gr.Textbox(label="本地路径或 repo id · local folder or Hub repo id",
-                                           value=spec.model, elem_id="model-path")
+                                           value=spec.model, elem_id="model-path", interactive=switching)
                     adapter_box = gr.Textbox(label='适配器 · adapter ("hia" = the model\'s hia/ folder; empty = none)',
-                                             value=spec.adapter or "", elem_id="model-adapter")
+                                             value=spec.adapter or "", elem_id="model-adapter", interactive=switching)
                     quantization = gr.Radio(QUANTIZATION_CHOICES, value=spec.quantization or "none",
                                             label="量化 · quantization (bitsandbytes + GPU)",
-                                            visible=quantization_available())
-                    load_button = gr.Button("加载 · Load", elem_id="load-model")
+                                            visible=switching and quantization_available())
+                    load_button = gr.Button("加载 · Load", elem_id="load-model", visible=switching)
                     model_status = gr.Markdown(manager.describe(), elem_id="model-status")
             with gr.Column(scale=3):
                 with gr.Row():
@@ -603,7 +613,7 @@ def serve(args) -> int:
     quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
     adapter = None if args.no_adapter else (args.adapter or "auto")
     spec = ModelSpec.create(args.model, adapter, quantization, args.device, args.dtype)
-    manager = ModelManager(spec)
+    manager = ModelManager(spec, allow_model_switching=args.allow_model_switching)
     try:
         manager.get()
     except AppInputError as error:
@@ -653,6 +663,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (needs a GPU)")
     quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (needs a GPU)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--allow-model-switching", action="store_true",
+                        help="let page visitors load another model (any folder the server can read, any Hub repo); "
+                             "off by default: only --model is served")
     parser.set_defaults(handler=serve)
     return parser
 

@@ -139,7 +139,7 @@ def convert_llava_hf(
         raise ConversionError(f"{source} holds no weights")
     expected = expected_state_dict_shapes(config)
 
-    with staged_output(output, force) as staging, progress_bar(
+    with staged_output(output, force, protect=[source, folder]) as staging, progress_bar(
         sum(path.stat().st_size for path in files), progress, "Converting"
     ) as bar:
         writer = ShardWriter(staging, parse_size(max_shard_size))
@@ -213,7 +213,7 @@ def export_llava_hf(
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
     )
 
-    with staged_output(output, force) as staging, progress_bar(
+    with staged_output(output, force, protect=[source, folder]) as staging, progress_bar(
         sum(path.stat().st_size for path in files), progress, "Exporting"
     ) as bar:
         writer = ShardWriter(staging, parse_size(max_shard_size))

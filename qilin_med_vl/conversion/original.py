@@ -204,21 +204,61 @@ def find_weight_files(folder: Path) -> list[Path]:
     ):
         index = folder / index_name
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / name for name in names]
+            return index_shard_files(folder, index)
         files = sorted(folder.glob(pattern))
         if files:
             return files
     return []
 
 
-def _load_bin(path: Path) -> dict:
+def index_shard_files(folder: Path, index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, sorted. Raises `ConversionError` naming the index when it is not
+    valid JSON with a `weight_map`, or names a file outside `folder` (`../x.bin`, an absolute path, a link out):
+    a checkpoint must never make us read, or publish, a file it does not contain."""
     try:
-        # Memory-mapped: a tensor is read from disk only when it is used, so a shard never sits in memory twice.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Files from before torch's zip format (torch < 1.6) cannot be mapped.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConversionError(f"{index}: not a valid shard index ({type(error).__name__}: {error})") from None
+    files = []
+    for name in names:
+        # Checked lexically, not by resolving links: a Hugging Face cache snapshot's shards are links into its blobs.
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ConversionError(f"{index} maps weights to {name!r}, outside {folder}; refusing to read it")
+        files.append(folder / name)
+    return files
+
+
+def _load_bin(path: Path) -> dict:
+    """A `.bin` (torch pickle) file's state dict, memory-mapped where the format allows. Only tensors and plain
+    containers are unpickled (`weights_only=True`); anything else, and a damaged file, raise `ConversionError`
+    naming the file."""
+    import pickle
+
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path}: the file is empty (an interrupted download or copy?)")
+    try:
+        try:
+            # Memory-mapped: a tensor is read from disk only when it is used, so a shard never sits in memory twice.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Files from before torch's zip format (torch < 1.6) cannot be mapped.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message suggests weights_only=False, which would run whatever code the file carries: never do.
+        match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if match is None:
+            operand = re.search(r"Unsupported operand \d+", str(error))
+            raise ConversionError(f"{path}: not a readable torch checkpoint, truncated or damaged (unpickling "
+                                  f"failed{': ' + operand.group(0) if operand else ''})") from None
+        raise ConversionError(
+            f"{path}: refused: the pickle holds an object of type {match.group(1)}, not only tensors. Only plain "
+            "state dicts are read, since unpickling anything else can run code. Convert the file to safetensors "
+            "where it was made, from a source you trust."
+        ) from None
+    except (EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError, MemoryError, struct.error) as error:
+        raise ConversionError(f"{path}: not a readable torch checkpoint, truncated or damaged "
+                              f"({type(error).__name__}: {str(error)[:300]})") from None
 
 
 SAFETENSORS_DTYPES = {
@@ -238,14 +278,44 @@ SAFETENSORS_TO_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items(
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file as views of a memory map of it (copy-on-write: nothing is read until
-    used, and the file is never modified), like `torch.load(mmap=True)` for `.bin` files."""
+    used, and the file is never modified), like `torch.load(mmap=True)` for `.bin` files. The header is checked
+    first (its size, JSON, dtypes, shapes and offsets against the file's size): a truncated or damaged file raises
+    `ConversionError` naming it instead of reading past its end."""
+    size = path.stat().st_size
+
+    def damaged(problem: str) -> ConversionError:
+        return ConversionError(f"{path}: not a valid safetensors file, truncated or damaged ({problem})")
+
+    if size < 8:
+        raise damaged(f"{size} bytes, shorter than the 8-byte header length")
     with open(path, "rb") as handle:
         header_size = struct.unpack("<Q", handle.read(8))[0]
-        header = json.loads(handle.read(header_size))
-        if path.stat().st_size == 8 + header_size:  # no tensor data: nothing to map
-            mapped = None
-        else:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        if header_size > size - 8 or header_size > 100 * 2**20:
+            raise damaged(f"the header claims {header_size:,} bytes but the file has {size:,}")
+        try:
+            header = json.loads(handle.read(header_size))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise damaged(f"the header is not JSON: {error}") from None
+        if not isinstance(header, dict):
+            raise damaged("the header is not a JSON object")
+        data_size = size - 8 - header_size
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_TO_TORCH[info["dtype"]]
+                start, end = (int(value) for value in info["data_offsets"])
+                shape = [int(value) for value in info["shape"]]
+            except (KeyError, TypeError, ValueError) as error:
+                raise damaged(f"tensor {key!r} has an unreadable entry {str(info)[:120]} ({error!r})") from None
+            count = 1
+            for dimension in shape:
+                count *= dimension
+            fits = 0 <= start <= end <= data_size and end - start == count * dtype.itemsize
+            if min(shape, default=0) < 0 or not fits:
+                raise damaged(f"tensor {key!r} ({info['dtype']} {shape}) at bytes {start}..{end} does not fit the "
+                              f"{data_size:,} bytes of data")
+        mapped = None if data_size == 0 else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     tensors = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -392,34 +462,121 @@ class ShardWriter:
         return names
 
 
+def check_not_inside(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str = "input"
+                     ) -> None:
+    """Refuse an `output` folder that is, or contains, one of `inputs`: replacing it would delete what is being
+    read (`convert SRC SRC --force`, or an output that is a parent of the source)."""
+    target = Path(output).resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue  # a Hub repo id lives in the cache, never under a user's output folder
+        source = Path(item).resolve()
+        if source == target or target in source.parents:
+            raise ValueError(
+                f"The output {output} is or contains the {what} {item}; replacing it would delete the {what}. "
+                "Choose an output folder outside it."
+            )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _remove_stale_staging(output: Path) -> None:
+    """Staging folders that a killed run (SIGKILL, power loss) left next to `output`: their names carry the pid of
+    the process that made them, so only those whose process is gone are removed."""
+    if not output.parent.is_dir():
+        return
+    for path in output.parent.glob(f".{glob_escape(output.name)}.partial-*"):
+        match = re.fullmatch(rf"\.{re.escape(output.name)}\.partial-(\d+)-.*", path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
 @contextmanager
-def staged_output(output: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def _terminate_as_interrupt():
+    """SIGTERM (a `kill`, a job scheduler's time limit) ends the process without unwinding the stack, so no
+    `finally` would remove a half-written staging folder. Within this block it raises `KeyboardInterrupt` instead
+    (in the main thread only: signals cannot be handled elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        # None: the previous handler was not installed from Python (an embedding host); the default is the best guess.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _check_replaceable(output: Path) -> None:
+    """`force` replaces a folder as a whole, so only one that holds a saved model (a `config.json`: an earlier
+    conversion or `save_pretrained`) or nothing at all; a file, a link or a folder of other things is refused."""
+    if output.is_symlink() or not output.is_dir():
+        raise FileExistsError(f"{output} exists and is not a folder; --force only replaces a model folder")
+    entries = sorted(path.name for path in output.iterdir())
+    if entries and "config.json" not in entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"{output} holds files that are not a saved model ({shown}); --force only replaces a model folder "
+            "(one with a config.json). Choose another output folder."
+        )
+
+
+@contextmanager
+def staged_output(output: str | os.PathLike, force: bool = False,
+                  protect: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
     """A temporary folder next to `output` that becomes `output` only if the block completes, so an interrupted or
-    failed conversion leaves no half-written model. An existing non-empty `output` needs `force=True`."""
+    failed conversion leaves no half-written model. An existing non-empty `output` needs `force=True`, and is then
+    replaced only if it holds a saved model (a `config.json`); an `output` that is or contains one of the `protect`
+    paths (the inputs) is always refused. Ctrl-C and SIGTERM remove the
+    staging folder; one left by a killed process is removed by the next run for the same `output`."""
     output = Path(output)
+    check_not_inside(output, protect)
     if output.exists() and not force and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} already exists; pass force=True (--force) to replace it")
+    if output.exists() and force:
+        _check_replaceable(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's private 0o700 is not what a model folder should end up with
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():
-        # Move the old output aside first: a crash between the two renames still leaves one complete model.
-        retired = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-        output.rename(retired)
-        staging.rename(output)
-        if retired.is_dir():
-            shutil.rmtree(retired, ignore_errors=True)
+    _remove_stale_staging(output)
+    with _terminate_as_interrupt():
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            staging.chmod(0o777 & ~umask)  # mkdtemp's private 0o700 is not what a model folder should end up with
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if output.exists():
+            # Move the old output aside first: a crash between the two renames still leaves one complete model.
+            retired = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+            output.rename(retired)
+            staging.rename(output)
+            if retired.is_dir() and not retired.is_symlink():
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                retired.unlink()
         else:
-            retired.unlink()
-    else:
-        staging.rename(output)
+            staging.rename(output)
 
 
 def progress_bar(total_bytes: int, enabled: bool, description: str):
@@ -775,7 +932,8 @@ def convert_original(
 
     read_files = [*llm_files, *clip_files, *([projector_file] if projector_file else [])]
     total = sum(path.stat().st_size for path in read_files)
-    with staged_output(output, force) as staging, progress_bar(total, progress, "Converting") as bar:
+    inputs = [source, clip, base_model, source_folder, clip_folder, llm_folder]
+    with staged_output(output, force, protect=inputs) as staging, progress_bar(total, progress, "Converting") as bar:
         writer = ShardWriter(staging, parse_size(max_shard_size))
 
         def emit(source_key: str, target: str, tensor: torch.Tensor) -> None:

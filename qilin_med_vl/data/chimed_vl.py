@@ -324,6 +324,8 @@ def _resolve_images(record: dict, image_root: str, check_images: str, report: Co
                 load_image(path)
             except (ImageLoadingError, ImportError, OSError) as error:
                 problems.append((RejectReason.UNREADABLE_IMAGE, str(error)))
+            except Exception as error:  # a decoder bug on a corrupted file is still one bad record, not the run
+                problems.append((RejectReason.UNREADABLE_IMAGE, f"{path}: {type(error).__name__}: {error}"))
         resolved.append(image)
     if not problems and images:
         record[key] = resolved[0] if key == "image" else resolved
@@ -385,17 +387,27 @@ def convert_chimed_vl(inputs, output: str | os.PathLike, image_root: str = ".", 
                   for record in _usable(raw, source, None, image_root, check_images, task, report))
     output = os.fspath(output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as handle:
-        for record in usable:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            if limit is not None and report.kept >= limit:
-                break
     report_path = os.fspath(report_path) if report_path else output + ".report.json"
-    with open(report_path, "w", encoding="utf-8") as handle:
-        json.dump({"inputs": [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else
-                                                    list(inputs or []))],
-                   "output": output, "image_root": image_root, **report.to_dict()},
-                  handle, ensure_ascii=False, indent=2)
+    # Both files are written next to their destination and renamed into place only when complete: a failure or
+    # Ctrl-C half-way leaves an earlier output as it was, never a clean.jsonl holding some of the records.
+    partial = f"{output}.partial-{os.getpid()}"
+    try:
+        with open(partial, "w", encoding="utf-8") as handle:
+            for record in usable:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if limit is not None and report.kept >= limit:
+                    break
+        with open(report_path + ".partial", "w", encoding="utf-8") as handle:
+            json.dump({"inputs": [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else
+                                                        list(inputs or []))],
+                       "output": output, "image_root": image_root, **report.to_dict()},
+                      handle, ensure_ascii=False, indent=2)
+        os.replace(partial, output)
+        os.replace(report_path + ".partial", report_path)
+    finally:
+        for leftover in (partial, report_path + ".partial"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return report
 
 

@@ -9,7 +9,14 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from ..training.data import read_records, record_images, record_task, record_to_messages
+from ..training.data import (
+    DataValidationError,
+    read_records,
+    record_images,
+    record_task,
+    record_to_messages,
+    validate_records,
+)
 from .scoring import format_markdown_table, score_by_task
 
 
@@ -22,9 +29,10 @@ def split_for_evaluation(record: dict) -> tuple[list[dict], str]:
 
 @torch.no_grad()
 def generate_predictions(model, processor, records, image_root=".", batch_size=8, max_new_tokens=256,
-                         progress=True) -> list[dict]:
+                         progress=True, on_batch=None) -> list[dict]:
     """Greedy answers for `records`, batched with left padding. Returns one dict per record: `id`, `task`,
-    `prediction`, `references`."""
+    `prediction`, `references`. `on_batch(rows)` is called with each batch's rows as soon as they exist (to write
+    them before the next batch can fail)."""
     # Without an active HiA adapter the high-resolution view would be computed and ignored.
     return_high_res = bool(getattr(model, "peft_config", None))
     results = []
@@ -44,21 +52,81 @@ def generate_predictions(model, processor, records, image_root=".", batch_size=8
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=processor.tokenizer.pad_token_id)
         texts = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for record, reference, text in zip(chunk, references, texts):
-            results.append({"id": record.get("id"), "task": record_task(record), "prediction": text.strip(),
-                            "references": [reference]})
+        rows = [{"id": record.get("id"), "task": record_task(record), "prediction": text.strip(),
+                 "references": [reference]} for record, reference, text in zip(chunk, references, texts)]
+        if on_batch is not None:
+            on_batch(rows)
+        results.extend(rows)
     return results
+
+
+def check_evaluation_records(records: list, processor, image_root: str, data_path) -> None:
+    """Every record usable before the first answer is generated: a record that fails after hours of generation
+    would otherwise cost the whole run. Raises `DataValidationError` naming the file and each bad record."""
+    report = validate_records(records, processor, image_root, max_length=10**9)
+    if report.errors:
+        shown = "\n".join(report.errors[:20])
+        more = f"\n... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
+        raise DataValidationError(f"{len(report.errors)} problem(s) in {data_path}:\n{shown}{more}")
+
+
+def resume_predictions(path: str, records: list) -> list[dict]:
+    """The rows an earlier (interrupted) run already wrote to `path`, checked against `records` in order. A last
+    line cut short by a crash is dropped from the file. Raises `DataValidationError` when the file holds
+    predictions for other data."""
+    if not os.path.isfile(path):
+        return []
+    rows, good_bytes = [], 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break  # a partial last line: generated again
+            if not line.endswith(b"\n") or not isinstance(row, dict):
+                break
+            rows.append(row)
+            good_bytes += len(line)
+    if os.path.getsize(path) != good_bytes:
+        with open(path, "r+b") as handle:
+            handle.truncate(good_bytes)
+    if len(rows) > len(records):
+        raise DataValidationError(f"{path} holds {len(rows)} predictions but the data has {len(records)} records: it "
+                                  "belongs to other data; move it away or choose another --output-dir")
+    for index, (row, record) in enumerate(zip(rows, records)):
+        reference = split_for_evaluation(record)[1]
+        if row.get("id") != record.get("id") or row.get("references") != [reference]:
+            raise DataValidationError(
+                f"{path} line {index + 1} (id {row.get('id')!r}) does not match record #{index} (id "
+                f"{record.get('id')!r}) of the data: it belongs to other data; move it away or choose another "
+                "--output-dir")
+    return rows
 
 
 def evaluate_file(model, processor, data_path, output_dir, image_root=".", batch_size=8, max_new_tokens=256,
                   tokenizer="char", name=None) -> dict:
-    """Generate, score and write `predictions.jsonl`, `scores.json` and `scores.md` into `output_dir`."""
+    """Generate, score and write `predictions.jsonl`, `scores.json` and `scores.md` into `output_dir`.
+
+    The whole file is validated first (a bad record raises `DataValidationError` naming it before anything is
+    generated). Predictions are appended to `predictions.jsonl` batch by batch, so an interruption (a crash,
+    Ctrl-C) keeps what was generated, and a rerun with the same data and `output_dir` resumes after it."""
     records = list(read_records(data_path))
-    predictions = generate_predictions(model, processor, records, image_root, batch_size, max_new_tokens)
+    check_evaluation_records(records, processor, image_root, data_path)
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "predictions.jsonl"), "w", encoding="utf-8") as handle:
-        for row in predictions:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    path = os.path.join(output_dir, "predictions.jsonl")
+    done = resume_predictions(path, records)
+    if done:
+        print(f"resuming: {len(done)} of {len(records)} predictions already in {path}", file=sys.stderr)
+    with open(path, "a", encoding="utf-8") as handle:
+
+        def write(rows):
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+        predictions = done + generate_predictions(model, processor, records[len(done):], image_root, batch_size,
+                                                  max_new_tokens, on_batch=write)
     scores = score_by_task(predictions, tokenizer=tokenizer)
     scores["tokenizer"] = tokenizer
     with open(os.path.join(output_dir, "scores.json"), "w", encoding="utf-8") as handle:
@@ -79,9 +147,17 @@ def main(args) -> int:
         return 2
     from ..loading import load_model_and_processor
 
-    model, processor = load_model_and_processor(args.model, args.adapter, args.device)
-    scores = evaluate_file(model, processor, args.data, args.output_dir, args.image_root, args.batch_size,
-                           args.max_new_tokens, args.tokenizer, args.name)
+    if not os.path.isfile(args.data):
+        print(f"error: --data {args.data}: no such file", file=sys.stderr)
+        return 2
+    model, processor = load_model_and_processor(args.model, args.adapter, args.device,
+                                                allow_missing_weights=args.allow_missing_weights)
+    try:
+        scores = evaluate_file(model, processor, args.data, args.output_dir, args.image_root, args.batch_size,
+                               args.max_new_tokens, args.tokenizer, args.name)
+    except DataValidationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(format_markdown_table({args.name or "model": scores}))
     return 0
 
@@ -99,6 +175,8 @@ def add_cli(subparsers) -> None:
                         help="how Chinese text is split into tokens for BLEU/METEOR (default: characters)")
     parser.add_argument("--name", help="row name in the table")
     parser.add_argument("--device", help='device_map, e.g. "cpu", "cuda:0", "auto"')
+    parser.add_argument("--allow-missing-weights", action="store_true",
+                        help="evaluate a checkpoint whose weights do not match its config (missing ones are random)")
     from .vqa import add_benchmark_arguments
 
     add_benchmark_arguments(parser)

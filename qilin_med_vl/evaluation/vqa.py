@@ -752,7 +752,7 @@ def run_benchmark(args) -> int:
 
     model, processor = load_model_and_processor(
         args.model, args.adapter, args.device, getattr(args, "dtype", None), getattr(args, "load_in_4bit", False),
-        getattr(args, "load_in_8bit", False))
+        getattr(args, "load_in_8bit", False), allow_missing_weights=getattr(args, "allow_missing_weights", False))
     image_root = getattr(args, "image_root", None)
     try:
         scores = evaluate_benchmark(

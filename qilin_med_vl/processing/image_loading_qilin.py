@@ -25,7 +25,17 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 
-__all__ = ["ImageLoadingError", "dicom_to_uint8", "is_dicom_file", "load_dicom", "load_image", "load_images"]
+__all__ = [
+    "MAX_ASPECT_RATIO",
+    "MAX_IMAGE_PIXELS",
+    "ImageLoadingError",
+    "check_image_size",
+    "dicom_to_uint8",
+    "is_dicom_file",
+    "load_dicom",
+    "load_image",
+    "load_images",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +46,15 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 # extreme 0.5% on each side keeps a few very bright (metal, contrast) or very dark (air, padding) pixels from
 # squashing the tissue into a handful of grey levels.
 FALLBACK_WINDOW_PERCENTILES = (0.5, 99.5)
+
+# Input limits, checked before a file's pixels are decoded. The largest medical images the model is meant for
+# (mammograms, about 4096 x 3328; chest films, 4280 x 3520) are far below MAX_IMAGE_PIXELS; beyond it a few bytes of
+# compressed file (a "decompression bomb") could ask for gigabytes. PIL's own bomb limit (about 179 million pixels)
+# is higher and raises an exception of its own; this one is lower and raises `ImageLoadingError`.
+MAX_IMAGE_PIXELS = 100_000_000
+# Longest side / shortest side. Padding a 1 x 20000 strip to a square makes a 20000 x 20000 image of which all but
+# 0.005% is padding: nothing a model reading 336 px can use, and a memory trap. 50:1 still admits ECG strips.
+MAX_ASPECT_RATIO = 50
 
 # Any "scheme://" prefix: http(s), but also s3://, gs://, ftp://... None of them is fetched (no network code here).
 _URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -93,11 +112,13 @@ def load_image(image: Any, frame: int | None = None) -> Image.Image:
 
     Raises:
         `TypeError`: `image` is of an unsupported type.
-        `ImageLoadingError`: the file is missing or unreadable, the array has an unsupported shape or dtype, or the
-            frame choice does not fit the file.
+        `ImageLoadingError`: the file is missing or unreadable, the array has an unsupported shape or dtype, the
+            frame choice does not fit the file, or the image is over the size limits (`MAX_IMAGE_PIXELS` pixels,
+            `MAX_ASPECT_RATIO` : 1 between its sides; checked before a file's pixels are decoded).
     """
     _check_frame_argument(frame)
     if isinstance(image, Image.Image):
+        check_image_size(*image.size, name="the PIL image")
         return _pil_to_rgb(_select_pil_frame(image, frame, name="the PIL image"))
     if isinstance(image, np.ndarray):
         _check_single_image_frame(frame, "a numpy array")
@@ -106,11 +127,35 @@ def load_image(image: Any, frame: int | None = None) -> Image.Image:
         _check_single_image_frame(frame, "a torch tensor")
         return _array_to_rgb(_tensor_to_numpy(image))
     if isinstance(image, (str, os.PathLike)):
-        return _load_path(image, frame)
+        try:
+            return _load_path(image, frame)
+        except (ImageLoadingError, ImportError):
+            raise
+        except Exception as error:
+            # A corrupted file can make a decoder fail in ways no list of exception types anticipates (PIL's
+            # DecompressionBombError, struct.error, MemoryError on a forged header...): still one named error.
+            raise ImageLoadingError(f"{os.fspath(image)}: cannot read the image ({type(error).__name__}: {error})",
+                                    path=os.fspath(image)) from error
     raise TypeError(
         f"load_image() cannot read an object of type {_type_name(image)}: expected a PIL image, a numpy array, a "
         "torch tensor or a local file path (str or os.PathLike)"
     )
+
+
+def check_image_size(width: int, height: int, name: str = "the image") -> None:
+    """Raise `ImageLoadingError` naming `name` when a `width` x `height` image (pixels) is over the limits:
+    more than `MAX_IMAGE_PIXELS` pixels, or sides more than `MAX_ASPECT_RATIO` : 1 apart."""
+    path = None if name.startswith("the ") else name
+    if width < 1 or height < 1:
+        raise ImageLoadingError(f"{name}: the image is empty ({width} x {height} pixels)", path=path)
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageLoadingError(
+            f"{name}: {width} x {height} pixels is over the limit of {MAX_IMAGE_PIXELS:,} pixels; downscale it first "
+            "(the model reads 336 px, HiA 672 px)", path=path)
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageLoadingError(
+            f"{name}: {width} x {height} pixels has an aspect ratio over {MAX_ASPECT_RATIO}:1; crop it to the region "
+            "of interest first (padded to a square, almost all of it would be padding)", path=path)
 
 
 def load_images(images: Iterable[Any], frame: int | None = None) -> list[Image.Image]:
@@ -177,7 +222,14 @@ def load_dicom(path: str | os.PathLike, frame: int | None = None) -> Image.Image
             ) from None
     except Exception as error:
         raise ImageLoadingError(f"{path}: not a readable DICOM file ({error})", path=path) from error
-    return _uint8_to_rgb(_dataset_to_uint8(dataset, frame, name=path))
+    try:
+        return _uint8_to_rgb(_dataset_to_uint8(dataset, frame, name=path))
+    except ImageLoadingError:
+        raise
+    except Exception as error:
+        # Damaged headers reach pydicom's LUT and decoder code with values it does not expect.
+        raise ImageLoadingError(f"{path}: cannot read the DICOM image ({type(error).__name__}: {error})",
+                                path=path) from error
 
 
 def dicom_to_uint8(ds: "Dataset", frame: int | None = None) -> np.ndarray:
@@ -239,12 +291,16 @@ def _load_path(path: str | os.PathLike, frame: int | None) -> Image.Image:
         return load_dicom(path, frame=frame)
     try:
         with Image.open(path) as image:
+            # The size comes from the header: checked before any pixel is decoded.
+            check_image_size(*image.size, name=path)
             selected = _select_pil_frame(image, frame, name=path)
             selected.load()
             # Converting inside the `with` block: the result must not depend on the file staying open.
             return _pil_to_rgb(selected)
     except ImageLoadingError:
         raise
+    except Image.DecompressionBombError as error:
+        raise ImageLoadingError(f"{path}: refused as a possible decompression bomb ({error})", path=path) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as pil_error:
         # Neither suffix nor preamble says DICOM, but raw datasets are sometimes stored as "IM0001" or similar.
         dataset = _read_headerless_dicom(path)
@@ -353,6 +409,7 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
         )
     if array.size == 0:
         raise ImageLoadingError(f"cannot read an empty array of shape {tuple(array.shape)} as an image")
+    check_image_size(array.shape[1], array.shape[0], name=f"the array of shape {tuple(array.shape)}")
     if array.dtype.kind not in "buif":
         raise ImageLoadingError(f"cannot read an array of dtype {array.dtype} as an image")
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -450,6 +507,12 @@ def _dataset_to_uint8(ds: "Dataset", frame: int | None, name: str) -> np.ndarray
             f"(SOP Class: {getattr(ds.get('SOPClassUID'), 'name', 'unknown')})",
             path=_path_of(name),
         )
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    except (TypeError, ValueError):
+        rows = columns = 0
+    if rows and columns:  # checked before decoding: a forged header must not make pydicom allocate gigabytes
+        check_image_size(columns, rows, name=name if name != _IN_MEMORY_DATASET else "the DICOM dataset")
     num_frames = _number_of_frames(ds)
     index = _resolve_dicom_frame(frame, num_frames, name)
     view = _frame_view(ds, index, name)

@@ -103,6 +103,12 @@ class QilinProcessor(ProcessorMixin):
             chat_template = {"default": VICUNA_V1_CHAT_TEMPLATE, "plain": PLAIN_CHAT_TEMPLATE}
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """`ProcessorMixin.apply_chat_template`, after checking the messages (`check_chat_messages`), so a malformed
+        message fails with a `ValueError` naming it instead of a KeyError or a template error."""
+        check_chat_messages(conversation)
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values", "high_res_pixel_values"]
@@ -250,4 +256,47 @@ class QilinProcessor(ProcessorMixin):
         return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
-__all__ = ["QilinProcessor"]
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_BLOCK_TYPES = ("text", "image")
+
+
+def check_chat_messages(conversation) -> None:
+    """Raise `ValueError` naming the conversation, message and block when `conversation` (a list of messages, or a
+    batch: a list of such lists) is not what the chat template renders: each message a dict with a `role` in
+    `CHAT_ROLES` and a `content` that is a string or a list of `{"type": "text", "text": str}` and
+    `{"type": "image", ...}` blocks. Video and audio are refused rather than silently dropped."""
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError("The chat messages must be a non-empty list of {'role', 'content'} messages")
+    batch = conversation if isinstance(conversation[0], (list, tuple)) else [conversation]
+    for number, messages in enumerate(batch):
+        where = f"conversation {number}, " if len(batch) > 1 else ""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError(f"{where.rstrip(', ') or 'The conversation'} has no messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ValueError(
+                    f"{where}message {index}: a {type(message).__name__}, not a {{'role', 'content'}} dict")
+            if message.get("role") not in CHAT_ROLES:
+                raise ValueError(f"{where}message {index}: role {message.get('role')!r} is not one of {CHAT_ROLES}")
+            if message["role"] == "system" and index > 0:
+                raise ValueError(f"{where}message {index}: a system message can only come first")
+            content = message.get("content")
+            if isinstance(content, str):
+                continue
+            if not isinstance(content, (list, tuple)):
+                raise ValueError(f"{where}message {index}: content must be a string or a list of blocks, got "
+                                 f"{type(content).__name__}")
+            for block_index, block in enumerate(content):
+                name = f"{where}message {index}, block {block_index}"
+                if not isinstance(block, dict) or "type" not in block:
+                    raise ValueError(f"{name}: a block must be a dict with a 'type' ('text' or 'image'), got "
+                                     f"{block!r:.80}")
+                if block["type"] not in CHAT_BLOCK_TYPES:
+                    raise ValueError(f"{name}: blocks of type {block['type']!r} are not supported: Qilin-Med-VL "
+                                     "reads text and images (for a video or a multi-frame DICOM, pass one frame as "
+                                     "an image)")
+                if block["type"] == "text" and not isinstance(block.get("text"), str):
+                    raise ValueError(f"{name}: a text block needs a string 'text', got {block.get('text')!r:.80}")
+
+
+__all__ = ["QilinProcessor", "check_chat_messages"]

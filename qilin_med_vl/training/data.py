@@ -33,27 +33,61 @@ class DataValidationError(ValueError):
 
 
 def read_records(path: str | os.PathLike):
-    """Yield the records of a `.json` (a list) or `.jsonl` (one per line) file, streaming JSONL."""
+    """Yield the records of a `.json` (a list) or `.jsonl` (one per line) file, streaming JSONL. A file that is
+    not UTF-8 JSON raises `DataValidationError` naming the file (and the line, for JSONL)."""
     path = os.fspath(path)
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise DataValidationError(f"{path}:{line_number}: not valid JSON ({error})") from None
-    else:
-        with open(path, encoding="utf-8") as handle:
-            records = json.load(handle)
-        if not isinstance(records, list):
-            raise DataValidationError(f"{path}: a .json data file must hold a list of records")
-        yield from records
+    try:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError as error:
+                            raise DataValidationError(f"{path}:{line_number}: not valid JSON ({error})") from None
+        else:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+            if not text.strip():
+                raise DataValidationError(f"{path}: the file is empty (a .json data file holds a list of records)")
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataValidationError(f"{path}: not valid JSON ({error})") from None
+            if not isinstance(records, list):
+                raise DataValidationError(f"{path}: a .json data file must hold a list of records")
+            yield from records
+    except UnicodeDecodeError as error:
+        raise DataValidationError(f"{path}: not a UTF-8 text file, so not JSON data ({error.reason} at byte "
+                                  f"{error.start})") from None
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise DataValidationError(f"{path}: {error.strerror}") from None
 
 
 def record_images(record: dict) -> list[str]:
     images = record.get("images", record.get("image", []))
     return [images] if isinstance(images, str) else list(images or [])
+
+
+def record_structure_problems(record) -> list[str]:
+    """What makes `record` unusable as data before its content is looked at: not an object, `conversations` not a
+    list of `{"from", "value"}` objects with string values, images not a path or a list of paths."""
+    if not isinstance(record, dict):
+        return [f"not a record object but a {type(record).__name__}"]
+    problems = []
+    conversations = record.get("conversations")
+    if conversations is not None and not isinstance(conversations, list):
+        problems.append(f"conversations is a {type(conversations).__name__}, not a list of turns")
+    for turn_index, turn in enumerate(conversations if isinstance(conversations, list) else []):
+        if not isinstance(turn, dict):
+            problems.append(f"turn {turn_index}: a {type(turn).__name__}, not a {{'from', 'value'}} object")
+        elif not isinstance(turn.get("value", ""), str):
+            problems.append(f"turn {turn_index}: value is a {type(turn['value']).__name__}, not text")
+    images = record.get("images", record.get("image", []))
+    if images is not None and not isinstance(images, str) and (
+            not isinstance(images, list) or not all(isinstance(image, str) for image in images)):
+        problems.append(f"images must be a file path or a list of file paths, got {images!r:.80}")
+    return problems
 
 
 def record_task(record: dict) -> str:
@@ -74,7 +108,8 @@ def record_to_messages(record: dict) -> list[dict]:
 @dataclass
 class ValidationReport:
     errors: list[str] = field(default_factory=list)
-    too_long: dict = field(default_factory=dict)  # record id -> message
+    too_long: dict = field(default_factory=dict)  # record id (made unique with its position) -> message
+    too_long_indices: set = field(default_factory=set)  # positions in the records: what to drop
     tasks: Counter = field(default_factory=Counter)
     images_per_sample: Counter = field(default_factory=Counter)
     token_lengths: list[int] = field(default_factory=list)
@@ -97,6 +132,11 @@ def validate_records(records, processor, image_root: str = ".", max_length: int 
     report = ValidationReport()
     limit = max_length or processor.tokenizer.model_max_length
     for index, record in enumerate(records):
+        structure = record_structure_problems(record)
+        if structure:
+            record_id = record.get("id", f"#{index}") if isinstance(record, dict) else f"#{index}"
+            report.errors.extend(f"record {record_id!r}: {problem}" for problem in structure)
+            continue
         record_id = record.get("id", f"#{index}")
         problems = []
         conversations = record.get("conversations")
@@ -121,11 +161,19 @@ def validate_records(records, processor, image_root: str = ".", max_length: int 
                 except (ImageLoadingError, ImportError) as error:
                     problems.append(str(error))
         if not problems:
-            text = processor.apply_chat_template(record_to_messages(record))
-            length = len(processor._tokenize_with_image_tokens(text)[0])
-            report.token_lengths.append(length)
-            if limit is not None and length > limit:
-                report.too_long[str(record_id)] = f"record {record_id!r}: {length} tokens, over the limit of {limit}"
+            try:
+                text = processor.apply_chat_template(record_to_messages(record))
+                length = len(processor._tokenize_with_image_tokens(text)[0])
+            except Exception as error:  # a template error names no record; this message does
+                problems.append(f"cannot be rendered with the chat template ({type(error).__name__}: {error})")
+                length = None
+            if length is not None:
+                report.token_lengths.append(length)
+            if length is not None and limit is not None and length > limit:
+                # Ids are not unique in real data (duplicates, 1 vs "1"): the position decides what is dropped.
+                key = str(record_id) if str(record_id) not in report.too_long else f"{record_id} (record #{index})"
+                report.too_long[key] = f"record {record_id!r} (#{index}): {length} tokens, over the limit of {limit}"
+                report.too_long_indices.add(index)
         report.errors.extend(f"record {record_id!r}: {problem}" for problem in problems)
         report.tasks[record_task(record)] += 1
         report.images_per_sample[len(images)] += 1
@@ -155,7 +203,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                     raise DataValidationError("over-long records:\n" + "\n".join(messages[:20]))
                 for message in messages:
                     logger.warning("dropping %s (never truncated inside an image)", message)
-                records = [r for i, r in enumerate(records) if str(r.get("id", f"#{i}")) not in report.too_long]
+                records = [r for i, r in enumerate(records) if i not in report.too_long_indices]
             logger.info("training data:\n%s", report.summary())
         if require_images:
             # Stages that train only image paths (the projector, HiA) learn nothing from text-only records, and a
