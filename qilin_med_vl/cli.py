@@ -13,11 +13,6 @@ def _load(args):
                                     args.load_in_8bit, allow_missing_weights=args.allow_missing_weights)
 
 
-def _user_message(images, question):
-    content = [{"type": "image", "path": image} for image in images]
-    return {"role": "user", "content": content + [{"type": "text", "text": question}]}
-
-
 def check_images(paths, frame=None) -> str | None:
     """The first problem with the image files (one line naming the file), or None: checked before a model load
     that takes seconds to minutes, so a typo fails at once."""
@@ -35,17 +30,18 @@ def _answer(model, processor, messages, max_new_tokens, stream=sys.stdout, frame
     """Generate one assistant turn, printing tokens as they come; returns the answer text."""
     from transformers import TextStreamer
 
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-        **({"processor_kwargs": {"frame": frame}} if frame is not None else {}),
-    ).to(model.device)
+    from .inference import generate_answers
+
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+    (answer,) = generate_answers(model, processor, [messages], max_new_tokens, streamer=streamer,
+                                 processor_kwargs={"frame": frame} if frame is not None else None)
     stream.flush()
-    return processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return answer
 
 
 def chat(args) -> int:
+    from .inference import user_message
+
     if not args.model:
         from .demo import DEMO_MODEL_DIR, demo_model_available
 
@@ -64,7 +60,7 @@ def chat(args) -> int:
         return 2
     model, processor = _load(args)
     if args.question:
-        _answer(model, processor, [_user_message(args.image, args.question)], args.max_new_tokens, frame=args.frame)
+        _answer(model, processor, [user_message(args.image, args.question)], args.max_new_tokens, frame=args.frame)
         return 0
     # Multi-turn: the images belong to the first user turn; later turns talk about the same images.
     messages, images = [], list(args.image)
@@ -76,7 +72,7 @@ def chat(args) -> int:
             break
         if not question:
             break
-        messages.append(_user_message(images, question))
+        messages.append(user_message(images, question))
         images = []
         print("ASSISTANT: ", end="", flush=True)
         answer = _answer(model, processor, messages, args.max_new_tokens, frame=args.frame)

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from .inference import generate_answers, user_message
+
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
 DEMO_EXAMPLES_DIR = DEMO_MODEL_DIR / "examples"
 COMPARATIVE_QUESTION = "第一张和第二张分别是患者治疗前后的膝关节X光片，请对比两张图片。"
@@ -68,13 +70,10 @@ def generate_report(model, processor, images, question=COMPARATIVE_QUESTION, max
     """Greedy answer to `question` about `images` (paths or PIL images); printed as it comes when `stream`."""
     from transformers import TextStreamer
 
-    messages = [{"role": "user", "content": [{"type": "image", "image": image} for image in images]
-                 + [{"type": "text", "text": question}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt").to(model.device)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
-    return processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    (report,) = generate_answers(model, processor, [[user_message(images, question)]], max_new_tokens,
+                                 streamer=streamer)
+    return report
 
 
 def run_demo(args) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..demo import DEMO_MODEL_DIR, NOT_FOR_CLINICAL_USE
+from ..inference import build_inputs, decode_answers
 from ..modeling.modeling_hia import record_hia_attentions
 from .heatmap import heatmap_overlays
 from .prompts import (
@@ -210,10 +211,7 @@ class LoadedModel:
     def build_inputs(self, messages: list[dict], max_new_tokens: int):
         limit = self.max_length()
         try:
-            inputs = self.processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-                processor_kwargs={"max_length": limit},
-            )
+            inputs = build_inputs(self.processor, messages, max_length=limit)
         except ValueError as error:
             if "over the limit" not in str(error):
                 raise
@@ -288,8 +286,7 @@ class LoadedModel:
                 thread.join()
                 if "error" in result:
                     raise result["error"]
-                answer = tokenizer.decode(result["ids"][0, inputs["input_ids"].shape[1]:],
-                                          skip_special_tokens=True).strip()
+                (answer,) = decode_answers(self.processor, inputs, result["ids"])
                 take_heatmaps()
                 yield StreamUpdate(answer, heatmaps if heatmaps is not None else [], done=True)
             finally:

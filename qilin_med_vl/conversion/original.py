@@ -29,10 +29,9 @@ import torch
 from ..modeling.configuration_qilin_med_vl import QilinMedVLConfig
 from ..modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
 from ..processing.image_processing_qilin import QilinImageProcessor
-from ..processing.processing_qilin import QilinProcessor
+from ..processing.processing_qilin import IMAGE_TOKEN, QilinProcessor
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
-IMAGE_TOKEN = "<image>"
 # transformers' llava-hf conversions pad the vocabulary to a multiple of 64 rows (32000 + `<image>` -> 32064).
 VOCAB_MULTIPLE = 64
 DEFAULT_MAX_SHARD_SIZE = "5GB"

@@ -47,7 +47,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..training.data import IMAGE_PLACEHOLDER
+from ..processing.processing_qilin import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -279,16 +279,16 @@ def normalize_record(raw: Any, source: str, task: str | None = None, report: Con
     if problems:
         return None, problems
 
-    placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in turns)
+    placeholders = sum(turn["value"].count(IMAGE_TOKEN) for turn in turns)
     if placeholders == 0 and images:
         first_human = next((turn for turn in turns if turn["from"] == "human"), None)
         if first_human is not None:
-            first_human["value"] = f"{IMAGE_PLACEHOLDER}\n" * len(images) + first_human["value"]
+            first_human["value"] = f"{IMAGE_TOKEN}\n" * len(images) + first_human["value"]
             placeholders = len(images)
             repairs["<image> placeholder inserted"] += 1
     if placeholders != len(images):
         return None, [(RejectReason.PLACEHOLDER_MISMATCH,
-                       f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")]
+                       f"{placeholders} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)")]
 
     record = {"id": record_id}
     if len(images) == 1:

@@ -9,6 +9,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+from ..inference import generate_answers
 from ..training.data import (
     DataValidationError,
     read_records,
@@ -40,19 +41,9 @@ def generate_predictions(model, processor, records, image_root=".", batch_size=8
         chunk = records[start : start + batch_size]
         prompts, references = zip(*(split_for_evaluation(record) for record in chunk))
         images = [[os.path.join(image_root, image) for image in record_images(record)] for record in chunk]
-        inputs = processor.apply_chat_template(
-            list(prompts),
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"images": images if any(images) else None, "padding_side": "left",
-                              "return_high_res": return_high_res},
-        ).to(model.device)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=processor.tokenizer.pad_token_id)
-        texts = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        rows = [{"id": record.get("id"), "task": record_task(record), "prediction": text.strip(),
+        texts = generate_answers(model, processor, list(prompts), max_new_tokens, processor_kwargs={
+            "images": images if any(images) else None, "padding_side": "left", "return_high_res": return_high_res})
+        rows = [{"id": record.get("id"), "task": record_task(record), "prediction": text,
                  "references": [reference]} for record, reference, text in zip(chunk, references, texts)]
         if on_batch is not None:
             on_batch(rows)

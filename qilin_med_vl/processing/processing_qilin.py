@@ -7,6 +7,9 @@ Remote code: imports only torch/numpy/PIL/transformers and flat siblings.
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
+# The placeholder that stands for one image in prompts, records and templates (the tokenizer's special token).
+IMAGE_TOKEN = "<image>"
+
 # The vicuna `v1` template Qilin-Med-VL was trained with (LLaVA `conv_vicuna_v1`): the system prompt, then
 # "USER: ... ASSISTANT: ...</s>" turns, a space after each user turn and "</s>" after each assistant turn.
 # Image blocks render as "<image>\n" where they stand in the content, which for one leading image is exactly the
@@ -92,7 +95,7 @@ class QilinProcessor(ProcessorMixin):
     attributes = ["image_processor", "tokenizer"]
 
     def __init__(
-        self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", image_seq_length=576
+        self, image_processor=None, tokenizer=None, chat_template=None, image_token=IMAGE_TOKEN, image_seq_length=576
     ):
         self.image_token = image_token
         self.image_seq_length = image_seq_length
@@ -299,4 +302,4 @@ def check_chat_messages(conversation) -> None:
                     raise ValueError(f"{name}: a text block needs a string 'text', got {block.get('text')!r:.80}")
 
 
-__all__ = ["QilinProcessor", "check_chat_messages"]
+__all__ = ["IMAGE_TOKEN", "QilinProcessor", "check_chat_messages"]

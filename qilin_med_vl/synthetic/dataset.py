@@ -40,6 +40,7 @@ from .render import (
     sample_view,
     to_uint8,
 )
+from ..processing.processing_qilin import IMAGE_TOKEN
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -55,7 +56,6 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = "1.0"
-IMAGE_TOKEN = "<image>"
 SPLITS = ("train", "validation", "test")
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2, "examples": 3}
 # Largest pose change between the two views of a comparative pair, reference pixels per axis.

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..processing.image_loading_qilin import ImageLoadingError, load_image
+from ..processing.processing_qilin import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-IMAGE_PLACEHOLDER = "<image>"
 
 
 class DataValidationError(ValueError):
@@ -151,9 +151,9 @@ def validate_records(records, processor, image_root: str = ".", max_length: int 
             if not any(ROLE_NAMES.get(turn.get("from")) == "assistant" for turn in conversations):
                 problems.append("no answer (gpt) turn to learn from")
         images = record_images(record)
-        placeholders = sum(str(turn.get("value", "")).count(IMAGE_PLACEHOLDER) for turn in conversations or [])
+        placeholders = sum(str(turn.get("value", "")).count(IMAGE_TOKEN) for turn in conversations or [])
         if placeholders != len(images):
-            problems.append(f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+            problems.append(f"{placeholders} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)")
         if check_images:
             for image in images:
                 try:
