@@ -13,19 +13,6 @@ def _load(args):
                                     args.load_in_8bit, allow_missing_weights=args.allow_missing_weights)
 
 
-def check_images(paths, frame=None) -> str | None:
-    """The first problem with the image files (one line naming the file), or None: checked before a model load
-    that takes seconds to minutes, so a typo fails at once."""
-    from .processing.image_loading_qilin import ImageLoadingError, load_image
-
-    for path in paths:
-        try:
-            load_image(path, frame=frame)
-        except (ImageLoadingError, ImportError, TypeError) as error:
-            return str(error) + (" (choose one with --frame N)" if "pass frame=" in str(error) else "")
-    return None
-
-
 def _answer(model, processor, messages, max_new_tokens, stream=sys.stdout, frame=None):
     """Generate one assistant turn, printing tokens as they come; returns the answer text."""
     from transformers import TextStreamer
@@ -41,6 +28,8 @@ def _answer(model, processor, messages, max_new_tokens, stream=sys.stdout, frame
 
 def chat(args) -> int:
     from .inference import user_message
+    from .loading import check_images
+    from .processing.processing_qilin import IMAGE_TOKEN
 
     if not args.model:
         from .demo import DEMO_MODEL_DIR, demo_model_available
@@ -54,7 +43,7 @@ def chat(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if args.question and "<image>" in args.question:
+    if args.question and IMAGE_TOKEN in args.question:
         print("error: the question contains <image>: the --image files are placed before it automatically",
               file=sys.stderr)
         return 2

@@ -85,7 +85,7 @@ def run_demo(args) -> int:
         return 1
     adapter = None if args.no_adapter else (args.adapter or ("hia" if os.path.isdir(Path(model_path) / "hia") else None))
     images = args.image or [str(DEMO_EXAMPLES_DIR / "before.png"), str(DEMO_EXAMPLES_DIR / "after.png")]
-    from .cli import check_images
+    from .loading import check_images
 
     problem = check_images(images)  # before the model load, which takes a while
     if problem:
@@ -152,7 +152,3 @@ def install_demo_model(base_dir, hia_dir, target_dir=DEMO_MODEL_DIR) -> None:
         shutil.copy2(hia_dir / name, target_dir / "hia" / name)
 
 
-if __name__ == "__main__":  # python -m qilin_med_vl.demo  ->  the `demo` command
-    from .cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -40,6 +40,19 @@ def check_model_location(model: str, what: str = "--model") -> None:
         raise FileNotFoundError(f"{what} {text}: the local folder {state}")
 
 
+def check_images(paths, frame=None) -> str | None:
+    """The first problem with the image files (one line naming the file), or None: checked before a model load
+    that takes seconds to minutes, so a typo fails at once."""
+    from .processing.image_loading_qilin import ImageLoadingError, load_image
+
+    for path in paths:
+        try:
+            load_image(path, frame=frame)
+        except (ImageLoadingError, ImportError, TypeError) as error:
+            return str(error) + (" (choose one with --frame N)" if "pass frame=" in str(error) else "")
+    return None
+
+
 def load_model_and_processor(
     model: str,
     adapter: str | None = None,

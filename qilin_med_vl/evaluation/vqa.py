@@ -680,7 +680,7 @@ def evaluate_benchmark(model, processor, benchmark: str, data_dir: str, output_d
     """Load, generate, score; write `<tag>_predictions.jsonl`, `<tag>_scores.json`, `<tag>_scores.md` into
     `output_dir`; return the scores (the `score_vqa` result plus `benchmark`, `split`, `language`, `source`,
     `instruction`, `skipped`)."""
-    from .run import generate_predictions
+    from .predictions import generate_predictions
 
     tag = benchmark_tag(benchmark, split, language)
     loaded = load_benchmark(benchmark, data_dir, split, language, image_dir,
