@@ -16,6 +16,7 @@ import os
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
+from ..modeling.configuration_hia import HiAConfig
 from .data import ConversationCollator, ConversationDataset
 
 logger = logging.getLogger(__name__)
@@ -60,15 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora", action="store_true", help="instruct stage: train LoRA adapters instead")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--load-in-4bit", action="store_true", help="instruct stage: QLoRA on a 4-bit base")
-    # HiA knobs (the paper's defaults when omitted).
-    parser.add_argument("--hia-layers", type=int, nargs="+", help="decoder layers (default L/3 and 2L/3)")
-    parser.add_argument("--num-queries", type=int, default=256)
-    parser.add_argument("--num-heads", type=int, default=8)
-    parser.add_argument("--adapter-width", type=int, help="HiA width (default: the LLM hidden size)")
-    parser.add_argument("--high-res-size", type=int, default=672, help="336 reproduces the 'w/o HR' ablation")
+    # HiA knobs: defaults and help come from `HiAConfig` (the paper's), the one place they are written.
+    def hia_flag(flag, field_name, **kwargs):
+        field = HiAConfig.__dataclass_fields__[field_name]
+        default = field.default_factory() if callable(field.default_factory) else field.default
+        parser.add_argument(flag, dest=field_name, default=default, help=field.metadata.get("help"), **kwargs)
+
+    hia_flag("--hia-layers", "layers", type=int, nargs="+")
+    hia_flag("--num-queries", "num_queries", type=int)
+    hia_flag("--num-heads", "num_heads", type=int)
+    hia_flag("--adapter-width", "hidden_size", type=int)
+    hia_flag("--high-res-size", "high_res_size", type=int)
+    hia_flag("--encoder-depths", "encoder_depths", type=int, nargs="+")
+    hia_flag("--encoder-width", "encoder_width", type=int)
     parser.add_argument("--no-instruction-aware", action="store_true", help="the 'w/o IA' ablation")
-    parser.add_argument("--encoder-depths", type=int, nargs="+", default=[3, 4, 6, 3])
-    parser.add_argument("--encoder-width", type=int, default=64)
     parser.add_argument("--resnet-weights", help="initialise the HiA encoder from a ResNet-50 state-dict file")
     return parser
 
@@ -107,8 +113,6 @@ def build_model(args, training_args):
     from transformers import AutoModelForImageTextToText
 
     import qilin_med_vl  # noqa: F401  (registers the auto classes and the HiA PEFT type)
-    from qilin_med_vl.modeling.configuration_hia import HiAConfig
-
     load_kwargs = {}
     if args.load_in_4bit:
         if args.stage != "instruct":
@@ -124,10 +128,10 @@ def build_model(args, training_args):
     if args.stage == "hia":
         model.requires_grad_(False)
         config = HiAConfig(
-            layers=args.hia_layers,
+            layers=args.layers,
             num_queries=args.num_queries,
             num_heads=args.num_heads,
-            hidden_size=args.adapter_width,
+            hidden_size=args.hidden_size,
             high_res_size=args.high_res_size,
             instruction_aware=not args.no_instruction_aware,
             encoder_depths=args.encoder_depths,
