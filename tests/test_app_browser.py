@@ -110,7 +110,7 @@ class Server:
             self.log.flush()
         return Path(self.log_path).read_text(encoding="utf-8", errors="replace")
 
-    def wait_until_up(self, timeout=90):
+    def wait_until_up(self, timeout=300):  # generous: a busy CI machine can take minutes to import gradio
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
