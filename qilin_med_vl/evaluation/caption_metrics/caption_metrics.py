@@ -8,8 +8,7 @@ This file is an ``evaluate`` metric module: load it by path, e.g.
 installed ``qilin_med_vl`` package; it needs no network and no NLTK data.
 """
 
-import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import datasets
 import evaluate
@@ -43,8 +42,10 @@ character by default, or jieba words).
 BLEU: clipped n-gram precisions for n = 1..max_order summed over the corpus,
 geometric mean, brevity penalty exp(1 - r/c) when c < r, where c is the total
 prediction length and r the sum over sentences of the reference length closest
-to the prediction length (ties -> shorter reference). Identical to sacrebleu's
-corpus_bleu(tokenize="none") and NLTK's corpus_bleu on the same tokens.
+to the prediction length (ties -> shorter reference). Computed by sacrebleu
+(tokenize="none") on our tokens; equal to NLTK's corpus_bleu on the same tokens.
+METEOR stays written here: NLTK's needs the WordNet corpus, which is a download
+and contributes nothing for Chinese characters.
 
 METEOR: sentence-level METEOR with exact unigram matching only (for Chinese
 characters the stemming and WordNet synonym stages are no-ops), parameters
@@ -82,76 +83,39 @@ Examples:
 """
 
 
-def _ngram_counts(tokens, n):
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _closest_ref_length(hyp_len, ref_lens):
-    # Closest reference length; on ties the shorter one (sacrebleu, NLTK, mteval).
-    return min(ref_lens, key=lambda ref_len: (abs(ref_len - hyp_len), ref_len))
-
-
 def corpus_bleu(hypotheses, references, max_order=4, smooth=False):
-    """Corpus BLEU on token lists.
+    """Corpus BLEU on token lists, computed by sacrebleu on the tokens joined by spaces (``tokenize="none"``: the
+    Chinese tokenization is ours, sacrebleu only counts).
 
     Args:
-        hypotheses: list of token lists.
-        references: list (parallel to ``hypotheses``) of lists of token lists.
+        hypotheses: list of token lists (no token contains whitespace).
+        references: list (parallel to ``hypotheses``) of lists of token lists; samples may have different numbers.
+        smooth: add-one smoothing of the 2..4-gram precisions (sacrebleu ``add-k``, k = 1; NLTK method2).
     Returns:
-        dict with "bleu" (in [0, 100]), "precisions" (in [0, 100]),
-        "brevity_penalty", "length_ratio", "translation_length",
-        "reference_length", "matches", "totals".
+        dict with "bleu" (in [0, 100]), "precisions" (in [0, 100]), "brevity_penalty", "length_ratio",
+        "translation_length", "reference_length".
     """
+    from sacrebleu.metrics import BLEU
+
     if max_order < 1:
         raise ValueError("max_order must be >= 1")
-    matches = [0] * max_order
-    totals = [0] * max_order
-    sys_len = 0
-    ref_len = 0
-    for hyp, refs in zip(hypotheses, references):
-        if not refs:
-            raise ValueError("every prediction needs at least one reference")
-        sys_len += len(hyp)
-        ref_len += _closest_ref_length(len(hyp), [len(r) for r in refs])
-        for n in range(1, max_order + 1):
-            hyp_counts = _ngram_counts(hyp, n)
-            if not hyp_counts:
-                continue
-            max_ref_counts = Counter()
-            for ref in refs:
-                for gram, count in _ngram_counts(ref, n).items():
-                    if count > max_ref_counts[gram]:
-                        max_ref_counts[gram] = count
-            matches[n - 1] += sum(min(count, max_ref_counts[gram]) for gram, count in hyp_counts.items())
-            totals[n - 1] += len(hyp) - n + 1
-
-    if sys_len < ref_len:
-        brevity_penalty = math.exp(1.0 - ref_len / sys_len) if sys_len > 0 else 0.0
-    else:
-        brevity_penalty = 1.0
-
-    precisions = []
-    for n in range(1, max_order + 1):
-        num, den = matches[n - 1], totals[n - 1]
-        if smooth and n > 1:
-            num, den = num + 1, den + 1
-        precisions.append(num / den if den > 0 else 0.0)
-
-    if any(matches) and min(precisions) > 0.0:
-        log_mean = sum(math.log(p) for p in precisions) / max_order
-        bleu = brevity_penalty * math.exp(log_mean)
-    else:
-        bleu = 0.0
-
+    if any(not refs for refs in references):
+        raise ValueError("every prediction needs at least one reference")
+    # sacrebleu takes one stream per reference position; a sample with fewer references has None there.
+    streams = [
+        [" ".join(refs[k]) if k < len(refs) else None for refs in references]
+        for k in range(max(len(refs) for refs in references))
+    ] if references else [[]]
+    bleu = BLEU(tokenize="none", max_ngram_order=max_order, smooth_method="add-k" if smooth else "none",
+                smooth_value=1, effective_order=False)
+    score = bleu.corpus_score([" ".join(hypothesis) for hypothesis in hypotheses], streams)
     return {
-        "bleu": 100.0 * bleu,
-        "precisions": [100.0 * p for p in precisions],
-        "brevity_penalty": brevity_penalty,
-        "length_ratio": sys_len / ref_len if ref_len > 0 else 0.0,
-        "translation_length": sys_len,
-        "reference_length": ref_len,
-        "matches": matches,
-        "totals": totals,
+        "bleu": score.score,
+        "precisions": list(score.precisions),
+        "brevity_penalty": score.bp,
+        "length_ratio": score.ratio,
+        "translation_length": score.sys_len,
+        "reference_length": score.ref_len,
     }
 
 
