@@ -57,8 +57,8 @@ def run(args, command: str) -> int:
     results = {"date": date, "machine": machine_description(), "threads": torch.get_num_threads(), "command": command}
     started = time.perf_counter()
     if args.gpu:
-        record = run_gpu_suite(allow_cpu=args.gpu_smoke_test, small=args.gpu_smoke_test,
-                               **({"new_tokens": 8, "repeats": 1, "batch_sizes": (1, 2)} if args.gpu_smoke_test else {}))
+        smoke_overrides = {"new_tokens": 8, "repeats": 1, "batch_sizes": (1, 2)} if args.gpu_smoke_test else {}
+        record = run_gpu_suite(allow_cpu=args.gpu_smoke_test, small=args.gpu_smoke_test, **smoke_overrides)
         record["date"] = date if record.get("skipped") or not args.date else args.date
         results["gpu"] = record
         stem = "gpu_smoke_test" if args.gpu_smoke_test else "gpu"

@@ -40,7 +40,9 @@ def projector_flops(config, image_tokens: int) -> int:
     return flops
 
 
-def llama_flops(text_config, new_tokens: int, past_tokens: int = 0, logits_tokens: int = 1, batch_size: int = 1) -> dict:
+def llama_flops(
+    text_config, new_tokens: int, past_tokens: int = 0, logits_tokens: int = 1, batch_size: int = 1
+) -> dict:
     """Decoder layers and LM head for `new_tokens` tokens on top of `past_tokens` cached ones."""
     hidden, layers = text_config.hidden_size, text_config.num_hidden_layers
     heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
@@ -148,7 +150,10 @@ def decode_flops(config, context_tokens: int, batch_size: int = 1) -> int:
 def kv_cache_bytes(text_config, tokens: int, bytes_per_element: int = 2, batch_size: int = 1) -> int:
     hidden, heads = text_config.hidden_size, text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or hidden // heads
-    return 2 * text_config.num_hidden_layers * batch_size * tokens * text_config.num_key_value_heads * head_dim * bytes_per_element
+    return (
+        2 * text_config.num_hidden_layers * batch_size * tokens * text_config.num_key_value_heads * head_dim
+        * bytes_per_element
+    )
 
 
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

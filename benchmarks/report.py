@@ -31,7 +31,8 @@ def markdown_report(results: dict) -> str:
     if "llava" in results:
         r = results["llava"]
         c = r["config"]
-        lines += ["## 1. Same weights: QilinMedVLForConditionalGeneration vs transformers' LlavaForConditionalGeneration",
+        lines += ["## 1. Same weights: QilinMedVLForConditionalGeneration vs transformers' "
+                  "LlavaForConditionalGeneration",
                   "",
                   f"Config: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, MLP {c['intermediate_size']}, "
                   f"vocab {c['vocab_size']}, {c['vision']}, {c['attn_implementation']}, {c['dtype']}, "
@@ -41,21 +42,22 @@ def markdown_report(results: dict) -> str:
                   f"Rounds: {r['rounds']}.", "",
                   "| metric | Qilin | Llava | ours / theirs: median of per-round ratios (p25-p75) | target <= 1.02 |",
                   "|---|---|---|---|---|"]
-        q, l, ratios = r["models"]["qilin"], r["models"]["llava"], r["ratios_ours_over_theirs"]
+        q, lv, ratios = r["models"]["qilin"], r["models"]["llava"], r["ratios_ours_over_theirs"]
         rows = [
-            ("prefill latency (ms)", q["prefill_ms"]["median"], l["prefill_ms"]["median"], ratios["prefill_latency"]),
-            ("decode step (ms/token)", q["decode_step_ms"]["median"], l["decode_step_ms"]["median"],
+            ("prefill latency (ms)", q["prefill_ms"]["median"], lv["prefill_ms"]["median"], ratios["prefill_latency"]),
+            ("decode step (ms/token)", q["decode_step_ms"]["median"], lv["decode_step_ms"]["median"],
              ratios["decode_step_time"]),
-            ("decode tokens/s", q["decode_tokens_per_s"], l["decode_tokens_per_s"], None),
-            ("prefill inside generate (ms)", q["generate_prefill_ms"]["median"], l["generate_prefill_ms"]["median"],
+            ("decode tokens/s", q["decode_tokens_per_s"], lv["decode_tokens_per_s"], None),
+            ("prefill inside generate (ms)", q["generate_prefill_ms"]["median"], lv["generate_prefill_ms"]["median"],
              ratios["generate_prefill_latency"]),
             ("peak tensor bytes, prefill (MB)", q["peak_prefill_tensor_bytes"] / 1e6,
-             l["peak_prefill_tensor_bytes"] / 1e6, ratios["peak_prefill_tensor_bytes"]),
+             lv["peak_prefill_tensor_bytes"] / 1e6, ratios["peak_prefill_tensor_bytes"]),
             ("peak tensor bytes, generate 8 tokens (MB)", q["peak_generate_tensor_bytes"] / 1e6,
-             l["peak_generate_tensor_bytes"] / 1e6, ratios["peak_generate_tensor_bytes"]),
+             lv["peak_generate_tensor_bytes"] / 1e6, ratios["peak_generate_tensor_bytes"]),
             ("RSS high-water growth, prefill (MB)", (q["rss_peak_delta_prefill_bytes"] or 0) / 1e6,
-             (l["rss_peak_delta_prefill_bytes"] or 0) / 1e6, ratios["rss_peak_delta_prefill"]),
-            ("parameter bytes (MB)", q["parameter_bytes"] / 1e6, l["parameter_bytes"] / 1e6, ratios["parameter_bytes"]),
+             (lv["rss_peak_delta_prefill_bytes"] or 0) / 1e6, ratios["rss_peak_delta_prefill"]),
+            ("parameter bytes (MB)", q["parameter_bytes"] / 1e6, lv["parameter_bytes"] / 1e6,
+             ratios["parameter_bytes"]),
         ]
         for name, a, b, ratio in rows:
             if ratio is None and name == "decode tokens/s":
@@ -68,9 +70,10 @@ def markdown_report(results: dict) -> str:
         micro = r.get("overhead_microbenchmark")
         if micro:
             mq, ml = micro["models"]["qilin"], micro["models"]["llava"]
-            lines += ["", "Framework overhead on an overhead-bound model (hidden 64, 6 layers; minimum over 1000 decode "
-                      f"steps / 333 prefills, the two models alternating call by call): decode step {mq['decode_step_us']:.0f} us (ours) vs "
-                      f"{ml['decode_step_us']:.0f} us (Llava) = {micro['ratios_ours_over_theirs']['decode_step_us']:.3f}; "
+            lines += ["", "Framework overhead on an overhead-bound model (hidden 64, 6 layers; minimum over 1000 "
+                      "decode steps / 333 prefills, the two models alternating call by call): decode step "
+                      f"{mq['decode_step_us']:.0f} us (ours) vs {ml['decode_step_us']:.0f} us (Llava) = "
+                      f"{micro['ratios_ours_over_theirs']['decode_step_us']:.3f}; "
                       f"prefill {mq['prefill_us']:.0f} us vs {ml['prefill_us']:.0f} us = "
                       f"{micro['ratios_ours_over_theirs']['prefill_us']:.3f}."]
         ops = r.get("dispatched_operators")
@@ -88,7 +91,8 @@ def markdown_report(results: dict) -> str:
         lines += ["## 2. HiA's cost", "", f"CPU: {r['cpu_config']['model']}; HiA {r['cpu_config']['hia']}; "
                   f"baseline: {r['cpu_config']['baseline']}; {r['cpu_config']['text_tokens']} text tokens.", "",
                   "### Decode step with and without HiA (CPU, measured)", "",
-                  f"HiA's encoder ran {r['encoder_calls_per_generate']} time(s) in one `generate` call (prefill only); "
+                  f"HiA's encoder ran {r['encoder_calls_per_generate']} time(s) in one `generate` call "
+                  "(prefill only); "
                   f"aten operators dispatched by one decode step: {r.get('decode_step_dispatched_operators')}.",
                   "", "Ratios are medians of per-round ratios (p25-p75). \"HiA off\" = the same model object with "
                   "`disable_adapter()` (same weights in memory); \"base\" = the plain model without PEFT; \"clone\" = "
@@ -101,7 +105,8 @@ def markdown_report(results: dict) -> str:
             ms = d["decode_step_ms"]
             lines.append(f"| {d['high_res_size']} | {d['num_images']} | {ms['hia']:.2f} / {ms['hia_off']:.2f} / "
                          f"{ms['base']:.2f} / {ms['clone']:.2f} | {_ratio_cell(ratio)} | "
-                         f"{'yes' if ratio['median'] <= 1.01 else 'no'} | {_ratio_cell(d['hia_over_base_step_time'])} | "
+                         f"{'yes' if ratio['median'] <= 1.01 else 'no'} | "
+                         f"{_ratio_cell(d['hia_over_base_step_time'])} | "
                          f"{_ratio_cell(d['control_clone_over_base_step_time'])} |")
         micro = r.get("decode_overhead_microbenchmark")
         if micro:
@@ -120,7 +125,8 @@ def markdown_report(results: dict) -> str:
             lines.append(
                 f"| {cell['high_res_size']} | {cell['num_images']} | {ms['base']:.0f} | {ms['hia']:.0f} | "
                 f"{cell['hia_over_base']:.2f} | {_fmt(ms.get('baseline'), 0) if 'baseline' in ms else 'not timed'} | "
-                f"{_fmt(cell.get('baseline_over_base'), 2)} | {g['base']:.1f} / {g['hia']:.1f} / {g['baseline']:.1f} |")
+                f"{_fmt(cell.get('baseline_over_base'), 2)} | "
+                f"{g['base']:.1f} / {g['hia']:.1f} / {g['baseline']:.1f} |")
         grid = r["grid_13b"]
         target = grid["target_672px_2_images"]
         lines += ["", f"### 13B configuration (exact arithmetic; {grid['text_tokens']} text tokens)", "",
@@ -245,7 +251,8 @@ def plot_report(results: dict, path: str) -> str | None:
         sizes = [int(s) for s in r["rows"]]
         rows = list(r["rows"].values())
         ax = axes.pop(0)
-        ax.plot(sizes, [row["baseline"]["flops_meta_counter"] / 1e12 for row in rows], "o-", label="baseline (ViT at S), ours")
+        ax.plot(sizes, [row["baseline"]["flops_meta_counter"] / 1e12 for row in rows], "o-",
+                label="baseline (ViT at S), ours")
         ax.plot(sizes, [row["hia"]["flops_meta_counter"] / 1e12 for row in rows], "s-", label="HiA at S, ours")
         ax.plot(sizes, [row["baseline"]["flops_meta_counter"] / 2e12 for row in rows], "o:", color="C0", alpha=0.5,
                 label="baseline, ours in MACs")

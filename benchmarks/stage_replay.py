@@ -23,6 +23,7 @@ import copy
 from contextlib import nullcontext
 
 import torch
+
 from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 
 from .flops import flop_counter
@@ -121,7 +122,10 @@ def measure_prefill_stages(model, num_images: int, text_tokens: int = 64, vision
                 del outputs, selected
             merged = torch.empty_like(embeds)  # masked_scatter
             del embeds
-        result["stage1_vision"] = {"flops": flops.get_total_flops() if count_flops else None, "peak_bytes": memory.peak}
+        result["stage1_vision"] = {
+            "flops": flops.get_total_flops() if count_flops else None,
+            "peak_bytes": memory.peak,
+        }
         held = merged.nbytes + (features.nbytes if features is not None else 0)
 
         flops, memory = counters()

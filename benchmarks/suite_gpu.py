@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+
 from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 
 from .flops import decode_weight_bytes, kv_cache_bytes
@@ -147,7 +148,10 @@ def run_gpu_suite(precisions=("bf16", "int8", "nf4"), batch_sizes=(1, 8), num_im
     record = {
         "skipped": False,
         "date": date,
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU smoke test ({machine_description()['cpu']})",
+        "device": (
+            torch.cuda.get_device_name(0) if device.type == "cuda"
+            else f"CPU smoke test ({machine_description()['cpu']})"
+        ),
         "smoke_test": device.type != "cuda" or small,
         "config": "QilinMedVLConfig() (13B)" if not small else "small bench config (plumbing test only)",
         "machine": machine_description(),

@@ -8,13 +8,13 @@ import statistics
 import time
 
 import torch
+
 from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 
 from .flops import decode_flops, kv_cache_bytes, prefill_flops
 from .memory import DispatchedOps, peak_live_bytes
 from .models import bench_config, build_model, hia_config_for, make_inputs, prefill_once, with_vision_size
 from .timing import paired_ratio, time_models
-
 
 HIGH_RES_SIZES = (336, 448, 560, 672, 784, 896)
 
@@ -83,7 +83,9 @@ def hia_decode_overhead_microbenchmark(steps: int = 200) -> dict:
                   "hia": (adapted.get_base_model(), make_inputs(config, 2, 48, 112))}
         best = {name: float("inf") for name in models}
         with torch.inference_mode():
-            caches = {name: getattr(m(**i, use_cache=True, logits_to_keep=1), CACHE_NAME) for name, (m, i) in models.items()}
+            caches = {
+                name: getattr(m(**i, use_cache=True, logits_to_keep=1), CACHE_NAME) for name, (m, i) in models.items()
+            }
             for _ in range(steps if label.startswith("bench") else 3 * steps):
                 for name, (model, _) in models.items():
                     start = time.perf_counter()
@@ -113,8 +115,8 @@ class _AdapterDisabled:
 
 
 def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int = 2, decode_repeats: int = 5,
-                 new_tokens: int = 32, decode_images=(1, 2, 4), decode_size: int = 672, max_baseline_tokens: int = 2400,
-                 text_tokens: int = 48, encoder_width: int = 32, log=print) -> dict:
+                 new_tokens: int = 32, decode_images=(1, 2, 4), decode_size: int = 672,
+                 max_baseline_tokens: int = 2400, text_tokens: int = 48, encoder_width: int = 32, log=print) -> dict:
     """CPU measurements on the small bench configuration (224 px low-res view, 256 tokens per image) with HiA's
     defaults (M=256, 8 heads, width = hidden, ResNet-50 trunk unless `encoder_width` says otherwise), plus the exact
     13B grid. Baseline cells whose language-model input exceeds `max_baseline_tokens` are counted, not timed."""
@@ -162,7 +164,9 @@ def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int =
                 "rounds": times["_rounds"],
             }
             if "baseline" in models:
-                cell["baseline_over_base"] = paired_ratio(times["baseline"]["prefill"], times["base"]["prefill"])["median"]
+                cell["baseline_over_base"] = paired_ratio(
+                    times["baseline"]["prefill"], times["base"]["prefill"]
+                )["median"]
             measured.append(cell)
             log(f"[hia] {size}px x{count}: prefill base {cell['prefill_ms']['base']:.0f} ms, HiA "
                 f"{cell['prefill_ms']['hia']:.0f} ms" + (f", baseline {cell['prefill_ms']['baseline']:.0f} ms"
@@ -182,7 +186,9 @@ def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int =
 
     decode = []
     if hia_for_decode is not None:
-        encoder = next(m.encoder for m in hia_for_decode.modules() if isinstance(m, HiABlock) and m.encoder is not None)
+        encoder = next(
+            m.encoder for m in hia_for_decode.modules() if isinstance(m, HiABlock) and m.encoder is not None
+        )
         calls = []
         handle = encoder.register_forward_hook(lambda *args: calls.append(1))
         with torch.inference_mode():
@@ -207,7 +213,8 @@ def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int =
             models = {"hia": hia_for_decode, "hia_off": disabled, "base": base, "clone": clone}
             inputs = {"hia": make_inputs(config, count, text_tokens, decode_size),
                       "hia_off": make_inputs(config, count, text_tokens),
-                      "base": make_inputs(config, count, text_tokens), "clone": make_inputs(config, count, text_tokens)}
+                      "base": make_inputs(config, count, text_tokens),
+                      "clone": make_inputs(config, count, text_tokens)}
             times = time_models(models, inputs, decode_repeats, warmup=1, new_tokens=new_tokens, prefill=False,
                                 max_rounds=2 * decode_repeats)
             steps = {name: times[name]["decode_step"] for name in models}
@@ -233,8 +240,9 @@ def run_hia_cost(sizes=HIGH_RES_SIZES, image_counts=(1, 2, 3, 4), repeats: int =
     grid = hia_grid_13b(sizes, image_counts)
     return {
         "cpu_config": {
-            "model": f"bench_config(): hidden {config.text_config.hidden_size}, {config.text_config.num_hidden_layers} "
-                     f"layers, CLIP {config.vision_config.num_hidden_layers}x{config.vision_config.hidden_size} at "
+            "model": f"bench_config(): hidden {config.text_config.hidden_size}, "
+                     f"{config.text_config.num_hidden_layers} layers, "
+                     f"CLIP {config.vision_config.num_hidden_layers}x{config.vision_config.hidden_size} at "
                      f"{config.vision_config.image_size}px ({config.image_seq_length} tokens/image), fp32",
             "hia": f"M=256, 8 heads, width {config.text_config.hidden_size}, layers L/3 and 2L/3, encoder "
                    f"[3,4,6,3] width {encoder_width}" + (" (ResNet-50)" if encoder_width == 64 else ""),

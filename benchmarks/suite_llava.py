@@ -6,6 +6,7 @@ import statistics
 import time
 
 import torch
+
 from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 
 from .memory import DispatchedOps, in_subprocess, parameter_bytes, peak_live_bytes, pin_malloc_to_mmap, rss_peak_delta
@@ -22,8 +23,10 @@ def _rss_child(config_kwargs, num_images, text_tokens):
     inputs = make_inputs(config, num_images, text_tokens)
     for model in models.values():
         prefill_once(model, inputs)
-    rss = interleave({name: (lambda m=m: rss_peak_delta(lambda: prefill_once(m, inputs))) for name, m in models.items()},
-                     5, 1, max_rounds=5)
+    rss = interleave(
+        {name: (lambda m=m: rss_peak_delta(lambda: prefill_once(m, inputs))) for name, m in models.items()},
+        5, 1, max_rounds=5,
+    )
     result = {"pinned": pinned}
     for name in models:
         values = [v for v in rss[name] if v is not None]
@@ -42,7 +45,9 @@ def overhead_microbenchmark(calls: int = 500, rounds: int = 2) -> dict:
     inputs = make_inputs(config, 1, 20)
     best = {name: {"decode_step_us": float("inf"), "prefill_us": float("inf")} for name in models}
     with torch.inference_mode():
-        caches = {name: getattr(m(**inputs, use_cache=True, logits_to_keep=1), CACHE_NAME) for name, m in models.items()}
+        caches = {
+            name: getattr(m(**inputs, use_cache=True, logits_to_keep=1), CACHE_NAME) for name, m in models.items()
+        }
 
         def step(name):
             start = time.perf_counter()
@@ -139,7 +144,9 @@ def run_llava_comparison(repeats: int = 15, warmup: int = 2, new_tokens: int = 3
     ratios = {
         "prefill_latency": paired_ratio(times["qilin"]["prefill"], times["llava"]["prefill"]),
         "decode_step_time": paired_ratio(times["qilin"]["decode_step"], times["llava"]["decode_step"]),
-        "generate_prefill_latency": paired_ratio(times["qilin"]["generate_prefill"], times["llava"]["generate_prefill"]),
+        "generate_prefill_latency": paired_ratio(
+            times["qilin"]["generate_prefill"], times["llava"]["generate_prefill"]
+        ),
         "peak_prefill_tensor_bytes": plain_ratio("peak_prefill_tensor_bytes"),
         "peak_generate_tensor_bytes": plain_ratio("peak_generate_tensor_bytes"),
         "rss_peak_delta_prefill": plain_ratio("rss_peak_delta_prefill_bytes"),
@@ -172,8 +179,8 @@ def run_llava_comparison(repeats: int = 15, warmup: int = 2, new_tokens: int = 3
             "forward with use_cache and logits_to_keep=1; decode = median per-step time inside generate (a logits "
             "processor stamps the clock), tokens/s = 1 / that. Ratios = median of per-round ratios (each round's two "
             "runs are adjacent in time). Peak memory = peak bytes of live torch tensors allocated during the call "
-            "(dispatch-mode tracker; parameters excluded, reported separately); secondary: process RSS high-water-mark "
-            f"growth during one prefill (median of 5; large allocations pinned to mmap: {pinned})."
+            "(dispatch-mode tracker; parameters excluded, reported separately); secondary: process RSS "
+            f"high-water-mark growth during one prefill (median of 5; large allocations pinned to mmap: {pinned})."
         ),
         "rounds": times["_rounds"],
         "threads": torch.get_num_threads(),

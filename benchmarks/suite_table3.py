@@ -12,7 +12,6 @@ from .memory import peak_live_bytes
 from .models import bench_config, build_model, hia_config_for, make_inputs, prefill_once
 from .stage_replay import build_meta_model, measure_prefill_stages, register_fused_attention_stub
 
-
 # The HiA paper (Ding et al., MICCAI 2024), Table 3 as printed: "baseline / HiA" memory (GB), FLOPs (T) and AVG
 # score; None where the paper prints "x" (out of memory).
 PAPER_TABLE3 = {
@@ -70,7 +69,8 @@ def run_table3(sizes=(448, 560, 672, 784, 896), num_images: int = 2, text_tokens
         rows[size] = {"baseline": baseline, "hia": ours, "paper": PAPER_TABLE3.get(size)}
         log(f"[table3] {size}px: FLOPs baseline {baseline['flops_meta_counter'] / 1e12:.1f} T / HiA "
             f"{ours['flops_meta_counter'] / 1e12:.2f} T; memory (fused attention) "
-            f"{baseline['total_bytes_fused_attention'] / 2**30:.1f} / {ours['total_bytes_fused_attention'] / 2**30:.1f} GiB, "
+            f"{baseline['total_bytes_fused_attention'] / 2**30:.1f} / "
+            f"{ours['total_bytes_fused_attention'] / 2**30:.1f} GiB, "
             f"(eager) {baseline['total_bytes_eager_attention'] / 2**30:.1f} / "
             f"{ours['total_bytes_eager_attention'] / 2**30:.1f} GiB")
     mismatch = max(
@@ -79,7 +79,8 @@ def run_table3(sizes=(448, 560, 672, 784, 896), num_images: int = 2, text_tokens
     )
     return {
         "config": "QilinMedVLConfig() (CLIP ViT-L/14-336 + 40-layer 5120-wide Llama, vocab 32064) + HiAConfig() "
-                  f"(layers {hia_resolved.layers}, M={hia_resolved.num_queries}, width 5120, ResNet-50), bf16, batch 1",
+                  f"(layers {hia_resolved.layers}, M={hia_resolved.num_queries}, width 5120, ResNet-50), "
+                  "bf16, batch 1",
         "num_images": num_images,
         "text_tokens": text_tokens,
         "method": (
@@ -99,7 +100,9 @@ def run_table3(sizes=(448, 560, 672, 784, 896), num_images: int = 2, text_tokens
     }
 
 
-def validate_stage_composition(num_images: int = 2, high_res_size: int = 224, text_tokens: int = 48, log=print) -> dict:
+def validate_stage_composition(
+    num_images: int = 2, high_res_size: int = 224, text_tokens: int = 48, log=print
+) -> dict:
     """Small real CPU model: the stage-by-stage replay against the real full forward (tracked peak bytes and
     FlopCounterMode FLOPs), with and without HiA."""
     config = bench_config(hidden_size=256, num_hidden_layers=4, vision_hidden_size=192, vision_layers=2,
@@ -117,7 +120,9 @@ def validate_stage_composition(num_images: int = 2, high_res_size: int = 224, te
         real_peak = peak_live_bytes(lambda m=model, i=inputs: m(**i, use_cache=True, logits_to_keep=1))
         with torch.inference_mode(), flop_counter() as counter:
             model(**inputs, use_cache=True, logits_to_keep=1)
-        staged = measure_prefill_stages(model, num_images, text_tokens, high_res_size=high_res_size if with_hia else None)
+        staged = measure_prefill_stages(
+            model, num_images, text_tokens, high_res_size=high_res_size if with_hia else None
+        )
         analytic = prefill_flops(config, num_images, text_tokens, hia=hia if with_hia else None,
                                  high_res_size=high_res_size)["total"]
         out[label] = {

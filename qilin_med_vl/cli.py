@@ -95,12 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     # `train` takes every TrainingArguments flag too, so it parses its own arguments (see main).
     commands.add_parser("train", help="train a stage (align, instruct, hia) with the HF Trainer; --help for flags",
                         add_help=False)
+    from .app.server import add_cli as add_app
     from .demo import add_cli as add_demo
     from .evaluation.run import add_cli as add_evaluate
-
     from .synthetic.dataset import add_cli as add_synth_data
-
-    from .app.server import add_cli as add_app
 
     add_evaluate(commands)
     add_demo(commands)
@@ -126,7 +124,8 @@ def main(argv=None) -> int:
 
         if "-h" in argv or "--help" in argv:
             build_train_parser().print_help()
-            print("\nEvery transformers.TrainingArguments flag is accepted too (--output-dir, --per-device-train-batch-size, ...).")
+            print("\nEvery transformers.TrainingArguments flag is accepted too "
+                  "(--output-dir, --per-device-train-batch-size, ...).")
             return 0
         try:
             return train(argv[1:])

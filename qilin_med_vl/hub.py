@@ -154,7 +154,9 @@ def check_repo_folder(folder: str | os.PathLike) -> list[str]:
         problems.append("no processor (processor_config.json)")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         problems.append("no tokenizer (tokenizer.json or tokenizer.model)")
-    has_template = (folder / "chat_template.jinja").is_file() or "chat_template" in _json(folder / "processor_config.json")
+    has_template = (
+        (folder / "chat_template.jinja").is_file() or "chat_template" in _json(folder / "processor_config.json")
+    )
     if not has_template:
         problems.append("no chat template")
     adapter = folder / ADAPTER_SUBFOLDER

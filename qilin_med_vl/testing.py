@@ -15,8 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .modeling.configuration_qilin_med_vl import QilinMedVLConfig
 from .processing.image_processing_qilin import QilinImageProcessor
-from .processing.processing_qilin import QilinProcessor
-from .processing.processing_qilin import IMAGE_TOKEN
+from .processing.processing_qilin import IMAGE_TOKEN, QilinProcessor
 
 # Characters of Chinese radiology reports (and of the prompts in the docs) get their own tokens; anything else
 # falls back to UTF-8 byte tokens, as in Llama's tokenizer.

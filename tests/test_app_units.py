@@ -13,7 +13,6 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from qilin_med_vl.modeling.modeling_hia import hia_is_active
 from qilin_med_vl.app.heatmap import (
     attention_maps,
     colorize,
@@ -34,10 +33,10 @@ from qilin_med_vl.app.prompts import (
     preset_prompt,
 )
 from qilin_med_vl.app.server import (
-    adapters_disabled,
     LoadedModel,
     ModelManager,
     ModelSpec,
+    adapters_disabled,
     add_cli,
     answer_stream,
     on_preset,
@@ -49,6 +48,7 @@ from qilin_med_vl.app.server import (
 from qilin_med_vl.demo import generate_report
 from qilin_med_vl.loading import load_model_and_processor
 from qilin_med_vl.modeling.configuration_hia import HiAConfig
+from qilin_med_vl.modeling.modeling_hia import hia_is_active
 from qilin_med_vl.processing.image_loading_qilin import dicom_to_uint8, load_image
 from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
 

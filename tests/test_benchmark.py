@@ -24,8 +24,8 @@ from benchmarks.memory import LiveTensorBytes, peak_live_bytes
 from benchmarks.models import bench_config, build_model, hia_config_for, make_inputs, qilin_class, with_vision_size
 from benchmarks.stage_replay import build_meta_model, measure_prefill_stages
 from benchmarks.suite_hia import hia_grid_13b
-from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 from qilin_med_vl.modeling.high_resolution_encoder_hia import HighResolutionEncoder
+from qilin_med_vl.modeling.modeling_qilin_med_vl import CACHE_NAME
 
 
 def small_config(**overrides):

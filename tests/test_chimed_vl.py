@@ -21,9 +21,11 @@ from qilin_med_vl.training import ConversationDataset, DataValidationError, vali
 # ChiMed-VL-Alignment.jsonl: LLaVA caption pairs, one a line.
 ALIGNMENT = [
     {"id": "PMC1_F1", "image": "PMC1_F1.jpg",
-     "conversations": [{"from": "human", "value": "<image>\n描述这张图片。"}, {"from": "gpt", "value": "胸部CT可见结节。"}]},
+     "conversations": [{"from": "human", "value": "<image>\n描述这张图片。"},
+                       {"from": "gpt", "value": "胸部CT可见结节。"}]},
     {"id": "PMC2_F1", "image": "PMC2_F1.jpg",  # the image is not in the folder (the release has none)
-     "conversations": [{"from": "human", "value": "<image>\n描述这张图片。"}, {"from": "gpt", "value": "膝关节X线片。"}]},
+     "conversations": [{"from": "human", "value": "<image>\n描述这张图片。"},
+                       {"from": "gpt", "value": "膝关节X线片。"}]},
     {"id": "PMC3_F2", "image": "PMC3/PMC3_F2.jpg",  # a subfolder path that exists
      "conversations": [{"from": "human", "value": "描述这张图片。\n<image>"}, {"from": "gpt", "value": "头颅MRI。"}]},
     {"id": "PMC4_F1", "image": "PMC4/PMC4_F1.jpg",  # a subfolder path; the file lies flat in the root

@@ -5,9 +5,7 @@ from peft import get_peft_model
 
 from qilin_med_vl.cli import main as cli
 from qilin_med_vl.modeling.configuration_hia import HiAConfig
-from qilin_med_vl.testing import tiny_model, tiny_processor
-
-from qilin_med_vl.testing import random_image
+from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import textwrap
 
+import google.protobuf  # noqa: F401  (transformers reads tokenizer.model through protobuf)
 import pytest
+import sentencepiece as spm
 import torch
 from safetensors import safe_open
 from transformers import (
@@ -32,14 +34,12 @@ from qilin_med_vl.conversion import (
     llava_config_from_qilin,
 )
 from qilin_med_vl.conversion.original import ShardWriter, parse_size, staged_output, write_safetensors
-from qilin_med_vl.testing import tiny_model
+from qilin_med_vl.testing import random_image, tiny_model
 
-from qilin_med_vl.testing import random_image
-
-import google.protobuf  # noqa: E402,F401  (transformers reads tokenizer.model through protobuf)
-import sentencepiece as spm  # noqa: E402
-
-PROMPT = "A chat between a curious user and an artificial intelligence assistant. USER: <image>\n请描述这张图片。 ASSISTANT:"
+PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "USER: <image>\n请描述这张图片。 ASSISTANT:"
+)
 CORPUS = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful answers.\n"
     "USER: 请描述这张图片。 ASSISTANT: 左侧股骨下段可见片状低密度影，膝关节间隙变窄。</s>\n"
@@ -68,7 +68,9 @@ def train_sentencepiece(folder):
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 2048,
         "padding_side": "right", "clean_up_tokenization_spaces": False}))
-    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
     return folder / "tokenizer.model"
 
 
@@ -133,13 +135,16 @@ def build_original_release(folder, clip_folder, *, seed=0, shards=3, projector_f
         "_name_or_path": "/private/ckpt/chinese-llama-2-13b-chat", "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava", "hidden_act": "silu", "initializer_range": 0.02, "vocab_size": 400, "pad_token_id": 0,
         "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "transformers_version": "4.31.0", "use_cache": True, "freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad",
+        "transformers_version": "4.31.0", "use_cache": True, "freeze_mm_mlp_adapter": False,
+        "image_aspect_ratio": "pad",
         "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False,
         "mm_use_im_start_end": False, "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
         "mm_vision_tower": "/private/ckpt/clip-vit-large-patch14-336", "tune_mm_mlp_adapter": False, **TEXT,
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    )
     torch.save({"not": "weights"}, folder / "training_args.bin")
     (folder / "global_step100").mkdir()
     (folder / "global_step100" / "mp_rank_00_model_states.pt").write_bytes(b"deepspeed leftovers")
@@ -245,7 +250,9 @@ def test_converted_folder_layout_config_and_dtype(converted):
     assert output.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0o700
     config = json.loads((output / "config.json").read_text())
     assert config["model_type"] == "qilin_med_vl" and config["dtype"] == "bfloat16"
-    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_qilin_med_vl.QilinMedVLForConditionalGeneration"
+    assert (
+        config["auto_map"]["AutoModelForImageTextToText"] == "modeling_qilin_med_vl.QilinMedVLForConditionalGeneration"
+    )
     assert config["text_config"]["vocab_size"] == 448 and config["image_token_id"] == 400
     assert config["text_config"]["pad_token_id"] == 0 and config["vision_feature_layer"] == -2
     assert config["image_seq_length"] == 4 and config["projector_type"] == "mlp2x_gelu"
@@ -290,7 +297,10 @@ def test_report_accounts_for_every_source_tensor(converted, release, clip_folder
     assert "embedded CLIP copy, which the original loader ignored" in report.summary()  # grouped, no details
     assert "text tower" in report.dropped["clip:text_model.encoder.layers.0.mlp.fc1.weight"]
     assert report.mapped["clip:vision_model.post_layernorm.weight"] == "model.vision_tower.post_layernorm.weight"
-    assert report.mapped["model:model.layers.2.mlp.down_proj.weight"] == "model.language_model.layers.2.mlp.down_proj.weight"
+    assert (
+        report.mapped["model:model.layers.2.mlp.down_proj.weight"]
+        == "model.language_model.layers.2.mlp.down_proj.weight"
+    )
     assert "training_args.bin" in report.ignored_files
     assert "embed_tokens" in report.summary() or "rows 400 -> 448" in report.summary()
 
@@ -356,7 +366,9 @@ def test_projector_only_release_with_base_llama(clip_folder, tmp_path):
     llama.save_pretrained(base)
     projector_only = tmp_path / "projector"
     build_original_release(projector_only, clip_folder, llm=False)
-    torch.save({k: v for k, v in state.items() if k.startswith("model.mm_projector")}, projector_only / "mm_projector.bin")
+    torch.save(
+        {k: v for k, v in state.items() if k.startswith("model.mm_projector")}, projector_only / "mm_projector.bin"
+    )
     with pytest.raises(ConversionError, match="base_model"):
         convert_original(projector_only, tmp_path / "out", clip=clip_folder, progress=False)
     report = convert_original(projector_only, tmp_path / "out", clip=clip_folder, base_model=base, progress=False)
@@ -424,8 +436,10 @@ def test_legacy_llava_hf_keys_map(tmp_path, processor):
     llava_config.save_pretrained(source)
     legacy = {}
     for key, value in model.state_dict().items():
-        key = key.replace("model.language_model.", "language_model.model.").replace("lm_head.", "language_model.lm_head.")
-        key = key.replace("model.vision_tower.", "vision_tower.vision_model.").replace("model.multi_modal_projector.", "multi_modal_projector.")
+        key = key.replace("model.language_model.", "language_model.model.")
+        key = key.replace("lm_head.", "language_model.lm_head.")
+        key = key.replace("model.vision_tower.", "vision_tower.vision_model.")
+        key = key.replace("model.multi_modal_projector.", "multi_modal_projector.")
         legacy[key] = value.clone()
     legacy["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     save_file(legacy, source / "model.safetensors", metadata={"format": "pt"})
@@ -472,14 +486,18 @@ def test_export_to_transformers_llava_for_vllm(tmp_path, processor):
     (source / "hia").mkdir()
     report = export_llava_hf(source, tmp_path / "llava", progress=False)
     assert report.mapped["qilin:lm_head.weight"] == "language_model.lm_head.weight"
-    assert report.mapped["qilin:model.vision_tower.pre_layrnorm.weight"] == "vision_tower.vision_model.pre_layrnorm.weight"
+    assert (
+        report.mapped["qilin:model.vision_tower.pre_layrnorm.weight"]
+        == "vision_tower.vision_model.pre_layrnorm.weight"
+    )
     assert any(name.startswith("hia/") for name in report.ignored_files)
     # Files transformers 4.x (pinned by the vLLM / SGLang releases of its time) reads as well as 5.x.
     config = json.loads((tmp_path / "llava" / "config.json").read_text())
     assert config["torch_dtype"] == config["dtype"] and config["text_config"]["rope_theta"] == 10000.0
     tokenizer_config = json.loads((tmp_path / "llava" / "tokenizer_config.json").read_text())
     assert "<image>" in tokenizer_config["additional_special_tokens"]
-    assert not isinstance(tokenizer_config.get("extra_special_tokens", {}), list) and "auto_map" not in tokenizer_config
+    assert not isinstance(tokenizer_config.get("extra_special_tokens", {}), list)
+    assert "auto_map" not in tokenizer_config
     image_processor = json.loads((tmp_path / "llava" / "preprocessor_config.json").read_text())
     assert image_processor["image_processor_type"] == "LlavaImageProcessor" and image_processor["do_pad"] is True
     assert not any(name.endswith(".py") for name in os.listdir(tmp_path / "llava"))
@@ -495,7 +513,8 @@ def test_export_to_transformers_llava_for_vllm(tmp_path, processor):
         logits = model(**inputs).logits
     torch.save({"logits": logits, "input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"],
                 "text": "USER: <image>\n描述 ASSISTANT:",
-                "image_tokens": int((inputs["input_ids"] == processor.image_token_id).sum())}, tmp_path / "expected.pt")
+                "image_tokens": int((inputs["input_ids"] == processor.image_token_id).sum())},
+               tmp_path / "expected.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(tmp_path / "llava")], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
@@ -527,7 +546,9 @@ def test_cli_convert_and_export(release, clip_folder, tmp_path, capsys):
     args = parser.parse_args(["convert", "original", str(folder), str(tmp_path / "hf"), "--clip", str(clip_folder)])
     with pytest.raises(FileExistsError):
         args.handler(args)
-    args = parser.parse_args(["convert", "export-llava", str(tmp_path / "hf"), str(tmp_path / "llava"), "--no-progress"])
+    args = parser.parse_args(
+        ["convert", "export-llava", str(tmp_path / "hf"), str(tmp_path / "llava"), "--no-progress"]
+    )
     assert args.handler(args) == 0
     assert json.loads((tmp_path / "llava" / "config.json").read_text())["model_type"] == "llava"
 
@@ -582,8 +603,8 @@ def test_streamed_conversion_peak_memory_stays_near_one_shard(tmp_path, clip_fol
     memory-mapped file being written), never by the output shard's or the model's size."""
     source = tmp_path / "big"
     train_sentencepiece(source)
-    big_text = {**TEXT, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8,
-                "num_key_value_heads": 8}
+    big_text = {**TEXT, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8,
+                "num_attention_heads": 8, "num_key_value_heads": 8}
     shards, per_shard = 4, 2
     weight_map, total = {}, 0
     torch.manual_seed(0)
@@ -614,7 +635,8 @@ def test_streamed_conversion_peak_memory_stays_near_one_shard(tmp_path, clip_fol
         del part
     (source / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (source / "config.json").write_text(json.dumps({
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "vocab_size": 400, "torch_dtype": "bfloat16",
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "vocab_size": 400,
+        "torch_dtype": "bfloat16",
         "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad", "bos_token_id": 1, "eos_token_id": 2,
         **big_text}))

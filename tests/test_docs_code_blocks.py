@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from qilin_med_vl.testing import random_image
 from test_hub import build_model_with_adapter
+
+from qilin_med_vl.testing import random_image
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = sorted(ROOT.glob("model_cards/*.md")) + [path for path in [ROOT / "README.md"] if path.is_file()]

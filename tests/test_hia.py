@@ -14,9 +14,7 @@ from safetensors.torch import load_file
 
 from qilin_med_vl.modeling.configuration_hia import HiAConfig
 from qilin_med_vl.modeling.modeling_hia import HiABlock, HiALayer
-from qilin_med_vl.testing import tiny_model
-
-from qilin_med_vl.testing import random_image
+from qilin_med_vl.testing import random_image, tiny_model
 
 
 def hia_config(**overrides):
@@ -30,7 +28,9 @@ def perturb(model, seed=0, std=0.3):
     for module in model.modules():
         if isinstance(module, HiABlock):
             with torch.no_grad():
-                module.output_proj.weight.copy_(torch.randn(module.output_proj.weight.shape, generator=generator) * std)
+                module.output_proj.weight.copy_(
+                    torch.randn(module.output_proj.weight.shape, generator=generator) * std
+                )
     return model
 
 
@@ -48,7 +48,10 @@ def test_default_layers_are_l_over_3_and_2l_over_3():
     config = model.peft_config["default"]
     assert config.layers == [2, 4]
     wrapped = [name for name, module in model.named_modules() if isinstance(module, HiALayer)]
-    assert wrapped == ["base_model.model.model.language_model.layers.2", "base_model.model.model.language_model.layers.4"]
+    assert wrapped == [
+        "base_model.model.model.language_model.layers.2",
+        "base_model.model.model.language_model.layers.4",
+    ]
     assert HiAConfig().num_queries == 256 and HiAConfig().high_res_size == 672
     assert config.base_hidden_size == 64 and config.base_num_layers == 6
 
@@ -122,7 +125,11 @@ def test_instruction_changes_what_is_injected(processor, images):
 
 def test_each_sample_uses_its_own_images_and_text_only_samples_pass_through(processor, images):
     model = hia_model()
-    texts = ["USER: 你好 ASSISTANT:", "USER: <image>\n描述 ASSISTANT:", "USER: <image>\n<image>\n<image>\n对比三张 ASSISTANT:"]
+    texts = [
+        "USER: 你好 ASSISTANT:",
+        "USER: <image>\n描述 ASSISTANT:",
+        "USER: <image>\n<image>\n<image>\n对比三张 ASSISTANT:",
+    ]
     sample_images = [[], images[:1], images[1:4]]
     batch = processor(images=sample_images, text=texts, return_tensors="pt", padding_side="left")
     with torch.no_grad():
@@ -176,11 +183,16 @@ def test_batched_generation_matches_one_prompt_at_a_time(processor, images):
     texts = [COMPARE, "USER: <image>\n描述图片。 ASSISTANT:", "USER: 你好 ASSISTANT:"]
     sample_images = [images[:2], images[2:3], []]
     batch = processor(images=sample_images, text=texts, return_tensors="pt", padding_side="left")
-    out = model.generate(**batch, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    out = model.generate(
+        **batch, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0
+    )
     scores = torch.stack(out.scores, dim=1)
     for row, (text, sample) in enumerate(zip(texts, sample_images)):
         single = processor(images=sample or None, text=text, return_tensors="pt")
-        single_out = model.generate(**single, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        single_out = model.generate(
+            **single, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True,
+            pad_token_id=0,
+        )
         torch.testing.assert_close(scores[row], torch.stack(single_out.scores, dim=1)[0], atol=1e-4, rtol=0)
 
 
@@ -200,7 +212,9 @@ def test_base_stays_bit_identical_after_training_steps(processor, images):
     for name, p in model.named_parameters():
         if name in before:
             assert torch.equal(p, before[name]), name
-    changed = [name for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p, adapter_before[name])]
+    changed = [
+        name for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p, adapter_before[name])
+    ]
     assert any("queries" in name for name in changed) and any("encoder" in name for name in changed)
 
 
@@ -214,7 +228,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(processor, images):
             model.base_model.model.activation_checkpointing_enable()
             model.enable_input_require_grads()
         model(**batch, labels=batch["input_ids"]).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None})
+        grads.append(
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        )
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
@@ -310,9 +326,13 @@ def test_pipeline_with_hia_loaded(folder_with_hia, processor, images, tmp_path):
                                              {"type": "text", "text": "请对比两张图片。"}]}]
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     out = pipe(text=messages, generate_kwargs={"max_new_tokens": 5, "do_sample": False}, return_full_text=False)
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     ids = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert out[0]["generated_text"] == processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert out[0]["generated_text"] == processor.tokenizer.decode(
+        ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True
+    )
 
 
 def test_clear_errors(folder_with_hia, processor, images, tmp_path):
@@ -347,9 +367,13 @@ FRESH_PROCESS = textwrap.dedent(
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     model.load_adapter("hia")
     torch.testing.assert_close(model(**inputs).logits, expected["logits"], atol=1e-6, rtol=0)
-    direct = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, adapter_kwargs={"subfolder": "hia"})
+    direct = AutoModelForImageTextToText.from_pretrained(
+        folder, trust_remote_code=True, adapter_kwargs={"subfolder": "hia"}
+    )
     torch.testing.assert_close(direct(**inputs).logits, expected["logits"], atol=1e-6, rtol=0)
-    peft_model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True), folder + "/hia")
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True), folder + "/hia"
+    )
     torch.testing.assert_close(peft_model(**inputs).logits, expected["logits"], atol=1e-6, rtol=0)
     print("FRESH-HIA-OK")
     """

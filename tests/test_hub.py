@@ -16,9 +16,7 @@ from peft import get_peft_model
 from qilin_med_vl.hub import CARD_REPO_IDS, assemble_repo, check_repo_folder, push_to_hub, render_model_card
 from qilin_med_vl.modeling.configuration_hia import HiAConfig
 from qilin_med_vl.modeling.modeling_hia import HiABlock
-from qilin_med_vl.testing import tiny_model, tiny_processor
-
-from qilin_med_vl.testing import random_image
+from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
 
 COMMIT = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 QUESTION = "USER: <image>\n<image>\n第一张和第二张分别是治疗前后的图片，请对比两张图片。 ASSISTANT:"
@@ -36,7 +34,9 @@ def build_model_with_adapter(folder, seed=0):
     for module in adapted.modules():
         if isinstance(module, HiABlock):
             with torch.no_grad():
-                module.output_proj.weight.copy_(torch.randn(module.output_proj.weight.shape, generator=generator) * 0.3)
+                module.output_proj.weight.copy_(
+                    torch.randn(module.output_proj.weight.shape, generator=generator) * 0.3
+                )
     adapted.save_pretrained(folder / "hia")
     return adapted
 

@@ -263,8 +263,8 @@ def test_jieba_mode_through_metric(metric):
 @pytest.mark.parametrize("n_refs", [1, 3])
 @pytest.mark.parametrize("tokenizer", ["char", "jieba"])
 def test_bleu_equals_sacrebleu_and_nltk(metric, n_refs, tokenizer):
-    import sacrebleu
     import nltk.translate.bleu_score as nltk_bleu
+    import sacrebleu
     if tokenizer == "jieba":
         import jieba  # noqa: F401
     pairs = _pairs(seed=7 + n_refs, n_refs=n_refs)
@@ -352,7 +352,9 @@ def test_score_by_task(metric):
     assert list(result["per_task"]) == ["CT", "X-ray", "MRI"]  # order of first appearance
     assert [s["count"] for s in result["per_task"].values()] == [2, 1, 1]
 
-    ct = metric.compute(predictions=["右肺下叶小结节", "肺纹理增多"], references=[["右肺下叶见小结节"], ["双肺纹理增多。"]])
+    ct = metric.compute(
+        predictions=["右肺下叶小结节", "肺纹理增多"], references=[["右肺下叶见小结节"], ["双肺纹理增多。"]]
+    )
     assert result["per_task"]["CT"]["bleu_4"] == pytest.approx(ct["bleu_4"])
     assert result["per_task"]["CT"]["meteor"] == pytest.approx((100 * 339 / 343 * 70 / 79 + 100 * 249 / 340) / 2)
     assert result["per_task"]["X-ray"]["bleu_4"] == pytest.approx(100.0)
@@ -378,8 +380,10 @@ def test_score_by_task(metric):
 def test_score_by_task_loads_metric_and_jieba():
     import jieba  # noqa: F401
     records = [
-        {"task": "CT", "prediction": "右肺上叶见结节，T2WI呈高信号。", "references": ["右肺上叶见小结节，T2WI呈稍高信号。"]},
-        {"task": "X-ray", "prediction": "双肺纹理清晰，心影大小正常。", "references": ["双肺纹理清晰，心影大小正常。"]},
+        {"task": "CT", "prediction": "右肺上叶见结节，T2WI呈高信号。",
+         "references": ["右肺上叶见小结节，T2WI呈稍高信号。"]},
+        {"task": "X-ray", "prediction": "双肺纹理清晰，心影大小正常。",
+         "references": ["双肺纹理清晰，心影大小正常。"]},
     ]
     result = score_by_task(records, tokenizer="jieba")  # loads the metric itself
     assert list(result["per_task"]) == ["CT", "X-ray"]

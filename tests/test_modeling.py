@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from qilin_med_vl import QilinMedVLConfig, QilinMedVLForConditionalGeneration
+from qilin_med_vl import QilinMedVLConfig
 from qilin_med_vl.conversion import llava_config_from_qilin
 from qilin_med_vl.testing import tiny_config, tiny_model
 
@@ -45,12 +45,15 @@ def test_llava_weights_give_the_same_logits_and_greedy_output(processor, images,
     inputs = processor(images=images[:num_images], text=prompt, return_tensors="pt")
     with torch.no_grad():
         ours = model(**inputs).logits
-        theirs = llava(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask).logits
+        theirs = llava(
+            input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask
+        ).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     generate_kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     ours_ids = model.generate(**inputs, **generate_kwargs)
     theirs_ids = llava.generate(
-        input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask, **generate_kwargs
+        input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask,
+        **generate_kwargs,
     )
     assert torch.equal(ours_ids, theirs_ids)
 
@@ -81,14 +84,19 @@ def test_high_res_view_is_ignored_without_hia(processor, images):
 
 def _step_scores(model, inputs, steps):
     out = model.generate(
-        **inputs, max_new_tokens=steps, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0
+        **inputs, max_new_tokens=steps, do_sample=False, output_scores=True, return_dict_in_generate=True,
+        pad_token_id=0,
     )
     return out.sequences, torch.stack(out.scores, dim=1)
 
 
 def test_batched_left_padded_generation_matches_one_prompt_at_a_time(processor, images):
     model = tiny_model()
-    texts = ["USER: <image>\n描述图片。 ASSISTANT:", "USER: 你好 ASSISTANT:", "USER: <image>\n左侧<image>\n右侧<image>\n对比这三张图片的变化。 ASSISTANT:"]
+    texts = [
+        "USER: <image>\n描述图片。 ASSISTANT:",
+        "USER: 你好 ASSISTANT:",
+        "USER: <image>\n左侧<image>\n右侧<image>\n对比这三张图片的变化。 ASSISTANT:",
+    ]
     per_sample_images = [images[:1], [], images[1:4]]
     batch = processor(images=per_sample_images, text=texts, return_tensors="pt", padding_side="left")
     assert batch.pixel_values.shape[0] == 4

@@ -8,9 +8,7 @@ from pydicom.data import get_testdata_file
 
 from qilin_med_vl import ImageLoadingError, QilinImageProcessor
 from qilin_med_vl.processing.processing_qilin import DEFAULT_SYSTEM_PROMPT
-from qilin_med_vl.testing import tiny_processor
-
-from qilin_med_vl.testing import random_image
+from qilin_med_vl.testing import random_image, tiny_processor
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
@@ -50,7 +48,9 @@ def test_numpy_tensor_and_path_inputs_agree(tmp_path):
     processor = QilinImageProcessor(return_high_res=False)
     as_pil = processor(image, return_tensors="np")["pixel_values"]
     as_numpy = processor(np.asarray(image), return_tensors="np")["pixel_values"]
-    as_tensor = processor(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), return_tensors="np")["pixel_values"]
+    as_tensor = processor(
+        torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), return_tensors="np"
+    )["pixel_values"]
     as_path = processor(str(path), return_tensors="np")["pixel_values"]
     for other in (as_numpy, as_tensor, as_path):
         np.testing.assert_array_equal(as_pil, other)
@@ -67,7 +67,9 @@ def test_chat_template_renders_the_vicuna_v1_format(processor):
         f"{DEFAULT_SYSTEM_PROMPT} USER: <image>\n描述图片。 ASSISTANT: 未见异常。</s>USER: 左侧呢？ ASSISTANT:"
     )
     custom = [{"role": "system", "content": "你是放射科医生。"}, {"role": "user", "content": "你好"}]
-    assert processor.apply_chat_template(custom, add_generation_prompt=True) == "你是放射科医生。 USER: 你好 ASSISTANT:"
+    assert (
+        processor.apply_chat_template(custom, add_generation_prompt=True) == "你是放射科医生。 USER: 你好 ASSISTANT:"
+    )
 
 
 def reference_tokenizer_image_token(tokenizer, prompt, image_token_id, image_seq_length):
@@ -99,9 +101,14 @@ def test_apply_chat_template_with_paths_returns_model_inputs(processor, tmp_path
     for seed in range(2):
         paths.append(tmp_path / f"{seed}.png")
         random_image(seed).save(paths[-1])
-    messages = [{"role": "user", "content": [{"type": "image", "path": str(paths[0])}, {"type": "image", "path": str(paths[1])},
-                                             {"type": "text", "text": "第一张和第二张分别是治疗前后的图片，请对比两张图片。"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    messages = [{"role": "user", "content": [
+        {"type": "image", "path": str(paths[0])},
+        {"type": "image", "path": str(paths[1])},
+        {"type": "text", "text": "第一张和第二张分别是治疗前后的图片，请对比两张图片。"},
+    ]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     assert inputs["pixel_values"].shape == (2, 3, 28, 28)
     assert inputs["high_res_pixel_values"].shape == (2, 3, 56, 56)
     assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 8
@@ -116,7 +123,9 @@ def test_batch_with_zero_one_and_three_images(processor):
     assert (out["input_ids"] == processor.image_token_id).sum(dim=1).tolist() == [0, 4, 12]
     assert out["attention_mask"][0].sum() < out["attention_mask"].shape[1]
     assert out["attention_mask"][0, 0] == 1  # right padding keeps the start
-    flat = processor(images=[random_image(0), random_image(1), random_image(2), random_image(3)], text=texts, return_tensors="pt")
+    flat = processor(
+        images=[random_image(0), random_image(1), random_image(2), random_image(3)], text=texts, return_tensors="pt"
+    )
     assert torch.equal(flat["input_ids"], processor(images=images, text=texts, return_tensors="pt")["input_ids"])
 
 
@@ -163,7 +172,8 @@ def test_processor_round_trips_through_save_pretrained(processor, tmp_path):
     assert loaded.image_seq_length == 4 and loaded.image_processor.high_res_size == 56
     text = "<image>\n第一张"
     image = random_image(0)
-    a, b = processor(images=[image], text=text, return_tensors="pt"), loaded(images=[image], text=text, return_tensors="pt")
+    a = processor(images=[image], text=text, return_tensors="pt")
+    b = loaded(images=[image], text=text, return_tensors="pt")
     for key in a:
         assert torch.equal(a[key], b[key])
 

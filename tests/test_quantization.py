@@ -6,9 +6,7 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from qilin_med_vl import QilinMedVLForConditionalGeneration
-from qilin_med_vl.testing import tiny_model
-
-from qilin_med_vl.testing import random_image
+from qilin_med_vl.testing import random_image, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,8 @@ def _quantized_names(model, layer_type):
     [
         ({"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}, bnb.nn.Linear8bitLt),
         ({"load_in_8bit": True}, bnb.nn.Linear8bitLt),
-        ({"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)}, bnb.nn.Linear4bit),
+        ({"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)},
+         bnb.nn.Linear4bit),
         ({"load_in_4bit": True}, bnb.nn.Linear4bit),
     ],
 )
@@ -56,7 +55,9 @@ def test_only_the_language_model_is_quantized(saved_folder, processor, kwargs, l
 
 def test_user_skip_list_is_respected(saved_folder):
     config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
-    model = QilinMedVLForConditionalGeneration.from_pretrained(saved_folder, quantization_config=config, device_map="cpu")
+    model = QilinMedVLForConditionalGeneration.from_pretrained(
+        saved_folder, quantization_config=config, device_map="cpu"
+    )
     assert _quantized_names(model.model.vision_tower, bnb.nn.Linear8bitLt)
 
 

@@ -10,9 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from qilin_med_vl.testing import tiny_model, tiny_processor
-
-from qilin_med_vl.testing import random_image
+from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
 
 MESSAGES_TEXT = "第一张和第二张分别是治疗前后的图片，请对比两张图片。"
 
@@ -28,7 +26,9 @@ def saved_folder(tmp_path_factory):
     messages = [{"role": "user", "content": [
         {"type": "image", "path": str(folder / "image0.png")}, {"type": "image", "path": str(folder / "image1.png")},
         {"type": "text", "text": MESSAGES_TEXT}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     with torch.no_grad():
         logits = model(**inputs).logits
     ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
@@ -64,7 +64,9 @@ FRESH_PROCESS = textwrap.dedent(
     expected = torch.load(folder + "/expected.pt")
     messages = json.loads(open(folder + "/messages.json").read())
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     for auto_class in (AutoModel, AutoModelForImageTextToText):
         model = auto_class.from_pretrained(folder, trust_remote_code=True).eval()
         assert type(model).__name__ == "QilinMedVLForConditionalGeneration", type(model)
@@ -99,4 +101,6 @@ def test_pipeline_with_two_images_in_process(saved_folder):
     out = pipe(text=messages, generate_kwargs={"max_new_tokens": 6, "do_sample": False}, return_full_text=False)
     expected = torch.load(saved_folder / "expected.pt")
     prompt_length = expected["logits"].shape[1]
-    assert out[0]["generated_text"] == pipe.processor.tokenizer.decode(expected["ids"][0, prompt_length:], skip_special_tokens=True)
+    assert out[0]["generated_text"] == pipe.processor.tokenizer.decode(
+        expected["ids"][0, prompt_length:], skip_special_tokens=True
+    )

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+from test_conversion import build_clip, build_original_release  # noqa: E402  (tests/ is on sys.path)
 
 from qilin_med_vl.cli import main as cli
 from qilin_med_vl.conversion import convert_original
@@ -16,8 +17,6 @@ from qilin_med_vl.conversion.original import staged_output
 from qilin_med_vl.hub import push_to_hub
 from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
 from qilin_med_vl.training import ConversationDataset, DataValidationError
-
-from test_conversion import build_clip, build_original_release  # noqa: E402  (tests/ is on sys.path)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_processing import reference_expand2square_clip  # noqa: E402  (tests/ is on sys.path)
 
 from qilin_med_vl import ImageLoadingError, QilinImageProcessor
 from qilin_med_vl.processing.image_loading_qilin import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, load_image
-
-from test_processing import reference_expand2square_clip  # noqa: E402  (tests/ is on sys.path)
 
 EXAMPLES = int(os.environ.get("QILIN_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("QILIN_FUZZ_RANDOM"),

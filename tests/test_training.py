@@ -12,16 +12,16 @@ from safetensors.torch import load_file
 
 from qilin_med_vl.cli import main as cli
 from qilin_med_vl.modeling.modeling_hia import find_instruction_end_index, hia_is_active
-from qilin_med_vl.testing import tiny_model, tiny_processor
+from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
 from qilin_med_vl.training import ConversationCollator, ConversationDataset, DataValidationError, validate_records
-
-from qilin_med_vl.testing import random_image
 
 RECORDS = [
     {"id": "d1", "image": "a.png", "task": "description",
-     "conversations": [{"from": "human", "value": "<image>\n描述这张图片。"}, {"from": "gpt", "value": "左侧股骨下段可见片状低密度影。"}]},
+     "conversations": [{"from": "human", "value": "<image>\n描述这张图片。"},
+                       {"from": "gpt", "value": "左侧股骨下段可见片状低密度影。"}]},
     {"id": "c1", "images": ["a.png", "b.png"], "task": "comparative",
-     "conversations": [{"from": "human", "value": "<image>\n<image>\n请对比两张图片。"}, {"from": "gpt", "value": "第二张相比第一张好转。"}]},
+     "conversations": [{"from": "human", "value": "<image>\n<image>\n请对比两张图片。"},
+                       {"from": "gpt", "value": "第二张相比第一张好转。"}]},
     {"id": "m1", "images": ["b.png"], "task": "disease",
      "conversations": [{"from": "human", "value": "<image>\n是否有异常？"}, {"from": "gpt", "value": "有。"},
                        {"from": "human", "value": "什么病变？"}, {"from": "gpt", "value": "骨折。"}]},
@@ -53,7 +53,9 @@ def test_collator_labels_exactly_the_answers_and_the_hia_instruction_end(workspa
         answers = [turn["value"] + "</s>" for turn in record["conversations"] if turn["from"] == "gpt"]
         assert processor.tokenizer.decode(labelled).replace(" ", "") == "".join(answers)
         assert not (batch["labels"][row] == processor.image_token_id).any()
-    instruction_end = find_instruction_end_index(batch["labels"], batch["attention_mask"], batch["labels"].shape, "cpu")
+    instruction_end = find_instruction_end_index(
+        batch["labels"], batch["attention_mask"], batch["labels"].shape, "cpu"
+    )
     first_supervised = (batch["labels"] != -100).int().argmax(dim=1)
     assert torch.equal(instruction_end, first_supervised - 1)
     # h_last in training is the token a generation prompt ends with at inference: the ":" of "ASSISTANT:"
@@ -70,13 +72,16 @@ def test_plain_template_supervises_the_caption_only(workspace):
     batch = ConversationCollator(processor, str(workspace), chat_template="plain")(RECORDS[:1])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     assert ids[0] == processor.tokenizer.bos_token_id and (ids[1:5] == processor.image_token_id).all()
-    assert processor.tokenizer.decode(labels[labels != -100]).replace(" ", "") == "左侧股骨下段可见片状低密度影。\n".replace(" ", "")
+    supervised_text = processor.tokenizer.decode(labels[labels != -100])
+    assert supervised_text.replace(" ", "") == "左侧股骨下段可见片状低密度影。\n".replace(" ", "")
 
 
 def test_validation_names_each_problem_and_record(workspace):
     bad = [
-        {"id": "missing", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>\n描述"}, {"from": "gpt", "value": "好"}]},
-        {"id": "count", "images": ["a.png"], "conversations": [{"from": "human", "value": "<image><image>描述"}, {"from": "gpt", "value": "好"}]},
+        {"id": "missing", "image": "nope.png",
+         "conversations": [{"from": "human", "value": "<image>\n描述"}, {"from": "gpt", "value": "好"}]},
+        {"id": "count", "images": ["a.png"],
+         "conversations": [{"from": "human", "value": "<image><image>描述"}, {"from": "gpt", "value": "好"}]},
         {"id": "empty", "conversations": [{"from": "human", "value": "描述"}, {"from": "gpt", "value": "  "}]},
         {"id": "long", "conversations": [{"from": "human", "value": "描述" * 80}, {"from": "gpt", "value": "好"}]},
     ]
@@ -91,7 +96,9 @@ def test_validation_names_each_problem_and_record(workspace):
 
 def test_over_long_records_are_dropped_or_refused(workspace, tmp_path):
     path = tmp_path / "data.jsonl"
-    long_record = {"id": "long", "conversations": [{"from": "human", "value": "描述" * 80}, {"from": "gpt", "value": "好"}]}
+    long_record = {
+        "id": "long", "conversations": [{"from": "human", "value": "描述" * 80}, {"from": "gpt", "value": "好"}]
+    }
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [RECORDS[0], long_record]), encoding="utf-8")
     dataset = ConversationDataset(str(path), tiny_processor(), str(workspace), max_length=250)
     assert [r["id"] for r in dataset] == ["d1"]

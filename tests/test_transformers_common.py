@@ -127,7 +127,9 @@ class TinyVisionLanguageModelTester:
 
     def prepare_config_and_inputs_for_common(self):
         config = self.get_config()
-        pixel_values = common.floats_tensor([self.batch_size, 3, VISION_CONFIG["image_size"], VISION_CONFIG["image_size"]])
+        pixel_values = common.floats_tensor(
+            [self.batch_size, 3, VISION_CONFIG["image_size"], VISION_CONFIG["image_size"]]
+        )
         input_ids = common.ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 2) + 2
         input_ids[:, :IMAGE_SEQ_LENGTH] = IMAGE_TOKEN_ID
         attention_mask = torch.ones_like(input_ids)

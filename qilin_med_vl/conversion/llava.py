@@ -12,7 +12,9 @@ from ..modeling.configuration_qilin_med_vl import QilinMedVLConfig
 def llava_config_from_qilin(config: QilinMedVLConfig) -> LlavaConfig:
     """The `LlavaConfig` of the same architecture (served by vLLM and SGLang as `LlavaForConditionalGeneration`)."""
     if config.projector_type != "mlp2x_gelu":
-        raise ValueError(f"transformers' Llava has only the mlp2x_gelu projector, this model uses {config.projector_type!r}")
+        raise ValueError(
+            f"transformers' Llava has only the mlp2x_gelu projector, this model uses {config.projector_type!r}"
+        )
     return LlavaConfig(
         vision_config=config.vision_config.to_dict(),
         text_config=config.text_config.to_dict(),

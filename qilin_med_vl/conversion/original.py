@@ -324,7 +324,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if end == start:
             tensors[key] = torch.empty(info["shape"], dtype=dtype)
             continue
-        flat = torch.frombuffer(mapped, dtype=dtype, offset=8 + header_size + start, count=(end - start) // dtype.itemsize)
+        flat = torch.frombuffer(
+            mapped, dtype=dtype, offset=8 + header_size + start, count=(end - start) // dtype.itemsize
+        )
         tensors[key] = flat.view(info["shape"])
     return tensors
 
@@ -742,8 +744,8 @@ def qilin_config_from_original(
 
 def load_llama_tokenizer(folder: Path):
     """A checkpoint's LLaMA tokenizer (a slow SentencePiece `tokenizer.model`, or a `tokenizer.json`) as a
-    transformers tokenizer. transformers 5 converts `tokenizer.model` to a fast tokenizer, which needs `sentencepiece` and
-    `protobuf`."""
+    transformers tokenizer. transformers 5 converts `tokenizer.model` to a fast tokenizer, which needs
+    `sentencepiece` and `protobuf`."""
     from transformers import AutoTokenizer, LlamaTokenizer
 
     if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):

@@ -114,7 +114,9 @@ def main(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser("evaluate", help="generate answers for a test file and score BLEU-4/METEOR per task")
+    parser = subparsers.add_parser(
+        "evaluate", help="generate answers for a test file and score BLEU-4/METEOR per task"
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--adapter", help='"hia" (the model\'s hia/ subfolder) or an adapter folder')
     parser.add_argument("--data", help="test JSON/JSONL in the training format (or use --benchmark)")

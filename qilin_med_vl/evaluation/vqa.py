@@ -572,9 +572,9 @@ def _checked_sample(item, sample_id, folders, language, label, skipped, image_ke
 
 
 def _load_vqa_rad_hf(data_dir: str, split: str, image_cache_dir: str | None) -> LoadedBenchmark:
-    from ..data.chimed_vl import load_local_dataset, save_dataset_image
-
     import datasets
+
+    from ..data.chimed_vl import load_local_dataset, save_dataset_image
 
     dataset = load_local_dataset(data_dir, split)
     if isinstance(dataset.features.get("image"), datasets.Image):

@@ -6,3 +6,10 @@ from .modeling_qilin_med_vl import (
     QilinMedVLModel,
     QilinMedVLPreTrainedModel,
 )
+
+__all__ = [
+    "QilinMedVLConfig",
+    "QilinMedVLForConditionalGeneration",
+    "QilinMedVLModel",
+    "QilinMedVLPreTrainedModel",
+]

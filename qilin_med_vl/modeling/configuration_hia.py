@@ -38,7 +38,9 @@ class HiAConfig(PeftConfig):
     )
     high_res_size: int = field(
         default=672,
-        metadata={"help": "Side of the high-resolution view the adapter expects; 336 reproduces the 'w/o HR' ablation."},
+        metadata={
+            "help": "Side of the high-resolution view the adapter expects; 336 reproduces the 'w/o HR' ablation."
+        },
     )
     instruction_aware: bool = field(
         default=True,
@@ -48,12 +50,16 @@ class HiAConfig(PeftConfig):
         default_factory=lambda: [3, 4, 6, 3],
         metadata={"help": "Bottleneck blocks per stage of the ResNet-style encoder ([3, 4, 6, 3] = ResNet-50)."},
     )
-    encoder_width: int = field(default=64, metadata={"help": "Channels of the encoder's first stage (64 = ResNet-50)."})
+    encoder_width: int = field(
+        default=64, metadata={"help": "Channels of the encoder's first stage (64 = ResNet-50)."}
+    )
     base_hidden_size: int | None = field(
-        default=None, metadata={"help": "Hidden size of the language model the adapter was built for (set on creation)."}
+        default=None,
+        metadata={"help": "Hidden size of the language model the adapter was built for (set on creation)."},
     )
     base_num_layers: int | None = field(
-        default=None, metadata={"help": "Layer count of the language model the adapter was built for (set on creation)."}
+        default=None,
+        metadata={"help": "Layer count of the language model the adapter was built for (set on creation)."},
     )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Derived from `layers`; not meant to be set by hand."}

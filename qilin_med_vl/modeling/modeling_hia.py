@@ -22,6 +22,7 @@ from torch import nn
 from .configuration_hia import HiAConfig, HiAPeftType
 from .high_resolution_encoder_hia import HighResolutionEncoder
 
+
 @dataclass
 class HiAInputs:
     """What a HiA layer needs about the current prefill, built once per forward by the tuner's pre-hook.

@@ -11,7 +11,6 @@ Every `TrainingArguments` flag can be given on the command line or in a `--confi
 import argparse
 import json
 import logging
-import os
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
@@ -120,10 +119,14 @@ def build_model(args, training_args):
         from transformers import BitsAndBytesConfig
 
         compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float32
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype)
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype
+        )
     model = AutoModelForImageTextToText.from_pretrained(args.model, **load_kwargs)
     if args.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(training_args.activation_checkpointing))
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(training_args.activation_checkpointing)
+        )
 
     if args.stage == "hia":
         model.requires_grad_(False)
