@@ -19,3 +19,12 @@ def model():
 @pytest.fixture
 def images():
     return [random_image(seed) for seed in range(4)]
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """A saved tiny model folder (weights, config, processor), read-only: tests that change it copy it first."""
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    tiny_model().save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    return folder

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from qilin_med_vl.cli import main as cli
 from qilin_med_vl.conversion import ConversionError
 from qilin_med_vl.conversion.original import iter_tensors
-from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
+from qilin_med_vl.testing import random_image, tiny_processor
 
 # ----------------------------------------------------------------------------------------------------------------
 # Chat messages
@@ -57,14 +57,6 @@ def test_well_formed_messages_still_work():
 # ----------------------------------------------------------------------------------------------------------------
 # chat and demo: inputs checked before the model is loaded
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("saved") / "model"
-    tiny_model().save_pretrained(folder)
-    tiny_processor().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

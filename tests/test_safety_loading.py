@@ -9,15 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from qilin_med_vl.cli import main as cli
 from qilin_med_vl.loading import IncompleteCheckpointError, load_model_and_processor
-from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("saved") / "model"
-    tiny_model().save_pretrained(folder)
-    tiny_processor().save_pretrained(folder)
-    return folder
+from qilin_med_vl.testing import random_image
 
 
 @pytest.fixture

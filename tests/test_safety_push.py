@@ -9,15 +9,7 @@ import torch
 from qilin_med_vl.conversion import ConversionError
 from qilin_med_vl.conversion.original import find_weight_files
 from qilin_med_vl.hub import assemble_repo, check_repo_folder, push_to_hub
-from qilin_med_vl.testing import tiny_model, tiny_processor
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("saved") / "model"
-    tiny_model().save_pretrained(folder)
-    tiny_processor().save_pretrained(folder)
-    return folder
+from qilin_med_vl.testing import tiny_model
 
 
 @pytest.fixture
