@@ -61,14 +61,19 @@ def test_a_tiny_file_of_a_1x20000_strip_is_refused_without_allocating(tmp_path):
     assert peak < 50 * 2**20
 
 
-def test_pad_to_square_of_a_long_image_does_not_allocate_the_full_square():
-    image = Image.new("RGB", (200, 10000), (90, 120, 200))  # allowed: aspect ratio 50
+def process_with_peak_memory(image):
+    """The processor's output for `image` at 336 / 672 px, and the peak bytes Python allocated meanwhile."""
     tracemalloc.start()
     try:
         out = QilinImageProcessor(high_res_size=672)(image, return_tensors="np")
-        peak = tracemalloc.get_traced_memory()[1]
+        return out, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_pad_to_square_of_a_long_image_does_not_allocate_the_full_square():
+    image = Image.new("RGB", (200, 10000), (90, 120, 200))  # allowed: aspect ratio 50
+    out, peak = process_with_peak_memory(image)
     assert out["pixel_values"].shape == (1, 3, 336, 336)
     # The full square would be 10000 x 10000 x 3 bytes (286 MiB) before any float copy.
     assert peak < 100 * 2**20, f"peak {peak / 2**20:.0f} MiB"
@@ -88,12 +93,7 @@ def test_large_images_give_the_pixels_of_the_full_size_square(size):
 @pytest.mark.parametrize("size", [(200, 10000), (10000, 200), (2000, 10000)])
 def test_no_full_size_square_for_any_shape(size):
     image = Image.new("RGB", size, (90, 120, 200))
-    tracemalloc.start()
-    try:
-        out = QilinImageProcessor(high_res_size=672)(image, return_tensors="np")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    out, peak = process_with_peak_memory(image)
     assert out["high_res_pixel_values"].shape == (1, 3, 672, 672)
     # Proportional to the image (which the pipeline holds a few copies of), not to the square: 286 MiB of uint8.
     image_bytes = size[0] * size[1] * 3
