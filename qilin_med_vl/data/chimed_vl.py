@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..processing.processing_qilin import IMAGE_TOKEN
+from ..records import JSON_CHUNK_CHARACTERS, iter_source_records
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ CAPTION_PROMPT = "请描述这张图片。"
 SPEAKERS = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 # How many rejected records of each reason the report keeps by name (the counts are always complete).
 MAX_EXAMPLES_PER_REASON = 20
-JSON_CHUNK_CHARACTERS = 1 << 20
 
 
 class RejectReason:
@@ -132,99 +132,6 @@ class ConversionReport:
 # ----------------------------------------------------------------------------------------------------------------
 # Reading the files, streamed
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _iter_json_lines(handle, name: str) -> Iterator[tuple[str, Any, str | None]]:
-    for line_number, line in enumerate(handle, 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{name}:{line_number}", json.loads(line), None
-        except json.JSONDecodeError as error:
-            yield f"{name}:{line_number}", None, str(error)
-
-
-def _iter_json_list(handle, name: str, chunk_characters: int) -> Iterator[tuple[str, Any, str | None]]:
-    """The items of a JSON list, decoded one at a time from chunks of the file: memory holds one chunk and one item,
-    never the whole list. A syntax error inside the list cannot be skipped (where the next item starts is unknown),
-    so it raises."""
-    decoder = json.JSONDecoder()
-    buffer, position, end_of_file = "", 0, False
-
-    def read_more() -> None:
-        nonlocal buffer, position, end_of_file
-        chunk = handle.read(chunk_characters)
-        end_of_file = not chunk
-        buffer, position = buffer[position:] + chunk, 0
-
-    def peek() -> str:
-        """The next character that is not whitespace, without consuming it; "" at the end of the file."""
-        nonlocal position
-        while True:
-            while position < len(buffer) and buffer[position] in " \t\r\n":
-                position += 1
-            if position < len(buffer):
-                return buffer[position]
-            if end_of_file:
-                return ""
-            read_more()
-
-    def fail(message: str):
-        raise ValueError(f"{name}: {message} (list item {index})")
-
-    index = 0
-    if peek() != "[":
-        fail("a .json file must hold a list of records")
-    position += 1
-    if peek() == "]":
-        return
-    while True:
-        peek()
-        while True:
-            try:
-                item, end = decoder.raw_decode(buffer, position)
-            except json.JSONDecodeError as error:
-                if end_of_file:
-                    fail(f"not valid JSON ({error.msg})")
-                read_more()
-                continue
-            if end == len(buffer) and not end_of_file:  # a number or literal may go on in the next chunk
-                read_more()
-                continue
-            break
-        position = end
-        yield f"{name}[{index}]", item, None
-        index += 1
-        separator = peek()
-        position += 1
-        if separator == "]":
-            return
-        if separator != ",":
-            fail(f"expected ',' or ']' after an item, found {separator or 'the end of the file'!r}")
-
-
-def iter_source_records(path: str | os.PathLike, chunk_characters: int = JSON_CHUNK_CHARACTERS
-                        ) -> Iterator[tuple[str, Any, str | None]]:
-    """Stream `(source, item, error)` from a `.jsonl` file (one object a line) or a `.json` list.
-
-    `source` names the place (`file.jsonl:12`, `file.json[11]`); `error` is the JSON error of an unreadable line
-    (then `item` is None); such a line is reported, and reading goes on. A `.json` file whose first character is not
-    "[" is read as JSON lines.
-    """
-    path = os.fspath(path)
-    name = os.path.basename(path)
-    with open(path, encoding="utf-8-sig") as handle:
-        if path.endswith(".jsonl"):
-            yield from _iter_json_lines(handle, name)
-            return
-        first = handle.read(1)
-        while first and first.isspace():
-            first = handle.read(1)
-        handle.seek(0)
-        if first == "[":
-            yield from _iter_json_list(handle, name, chunk_characters)
-        else:
-            yield from _iter_json_lines(handle, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

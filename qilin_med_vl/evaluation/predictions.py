@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..inference import generate_answers
-from ..training.data import record_images, record_task, record_to_messages
+from ..records import record_images, record_task, record_to_messages
 
 
 def split_for_evaluation(record: dict) -> tuple[list[dict], str]:

@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-from ..training.data import DataValidationError, read_records, validate_records
+from ..records import DataValidationError, read_records
+from ..training.data import validate_records
 from .predictions import generate_predictions, split_for_evaluation
 from .scoring import format_markdown_table, score_by_task
 

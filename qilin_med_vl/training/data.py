@@ -1,18 +1,11 @@
 # Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
-"""Training data: LLaVA-style JSON/JSONL records, their validation, and the collator that turns them into batches.
-
-A record::
-
-    {"id": "0001", "images": ["before.png", "after.dcm"],        # or "image": "a.png"
-     "conversations": [{"from": "human", "value": "<image>\\n<image>\\n请对比两张图片。"},
-                       {"from": "gpt", "value": "第二张相比第一张..."}],
-     "task": "comparative"}                                         # optional
+"""Training data: LLaVA-format records (`qilin_med_vl.records`: the format, the reader, the structural rules), their
+validation against a processor and an image folder, and the collator that turns them into batches.
 
 Image paths are relative to an image root. Multi-turn and multi-image records are allowed; each `<image>` in the
 human turns stands for the next image of the record.
 """
 
-import json
 import logging
 import os
 from collections import Counter
@@ -22,87 +15,17 @@ import torch
 
 from ..processing.image_loading_qilin import ImageLoadingError, load_image
 from ..processing.processing_qilin import IMAGE_TOKEN
+from ..records import (  # noqa: F401  (re-exported: the training API names them)
+    ROLE_NAMES,
+    DataValidationError,
+    read_records,
+    record_images,
+    record_structure_problems,
+    record_task,
+    record_to_messages,
+)
 
 logger = logging.getLogger(__name__)
-
-ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class DataValidationError(ValueError):
-    """Raised with every problem found, each naming the record id."""
-
-
-def read_records(path: str | os.PathLike):
-    """Yield the records of a `.json` (a list) or `.jsonl` (one per line) file, streaming JSONL. A file that is
-    not UTF-8 JSON raises `DataValidationError` naming the file (and the line, for JSONL)."""
-    path = os.fspath(path)
-    try:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)
-                        except json.JSONDecodeError as error:
-                            raise DataValidationError(f"{path}:{line_number}: not valid JSON ({error})") from None
-        else:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-            if not text.strip():
-                raise DataValidationError(f"{path}: the file is empty (a .json data file holds a list of records)")
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataValidationError(f"{path}: not valid JSON ({error})") from None
-            if not isinstance(records, list):
-                raise DataValidationError(f"{path}: a .json data file must hold a list of records")
-            yield from records
-    except UnicodeDecodeError as error:
-        raise DataValidationError(f"{path}: not a UTF-8 text file, so not JSON data ({error.reason} at byte "
-                                  f"{error.start})") from None
-    except (FileNotFoundError, IsADirectoryError) as error:
-        raise DataValidationError(f"{path}: {error.strerror}") from None
-
-
-def record_images(record: dict) -> list[str]:
-    images = record.get("images", record.get("image", []))
-    return [images] if isinstance(images, str) else list(images or [])
-
-
-def record_structure_problems(record) -> list[str]:
-    """What makes `record` unusable as data before its content is looked at: not an object, `conversations` not a
-    list of `{"from", "value"}` objects with string values, images not a path or a list of paths."""
-    if not isinstance(record, dict):
-        return [f"not a record object but a {type(record).__name__}"]
-    problems = []
-    conversations = record.get("conversations")
-    if conversations is not None and not isinstance(conversations, list):
-        problems.append(f"conversations is a {type(conversations).__name__}, not a list of turns")
-    for turn_index, turn in enumerate(conversations if isinstance(conversations, list) else []):
-        if not isinstance(turn, dict):
-            problems.append(f"turn {turn_index}: a {type(turn).__name__}, not a {{'from', 'value'}} object")
-        elif not isinstance(turn.get("value", ""), str):
-            problems.append(f"turn {turn_index}: value is a {type(turn['value']).__name__}, not text")
-    images = record.get("images", record.get("image", []))
-    if images is not None and not isinstance(images, str) and (
-            not isinstance(images, list) or not all(isinstance(image, str) for image in images)):
-        problems.append(f"images must be a file path or a list of file paths, got {images!r:.80}")
-    return problems
-
-
-def record_task(record: dict) -> str:
-    return record.get("task") or "default"
-
-
-def record_to_messages(record: dict) -> list[dict]:
-    """Chat messages for `QilinProcessor.apply_chat_template` (placeholders stay inline in the text)."""
-    messages = []
-    for turn in record["conversations"]:
-        role = ROLE_NAMES.get(turn.get("from"))
-        if role is None:
-            raise DataValidationError(f"record {record.get('id')!r}: unknown speaker {turn.get('from')!r}")
-        messages.append({"role": role, "content": turn.get("value", "")})
-    return messages
 
 
 @dataclass
