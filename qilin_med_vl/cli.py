@@ -28,7 +28,7 @@ def _answer(model, processor, messages, max_new_tokens, stream=sys.stdout, frame
 
 def chat(args) -> int:
     from .inference import user_message
-    from .loading import check_images
+    from .loading import check_images, default_adapter
     from .processing.processing_qilin import IMAGE_TOKEN
 
     if not args.model:
@@ -38,7 +38,7 @@ def chat(args) -> int:
             print("error: no --model given and the embedded demo model is not installed", file=sys.stderr)
             return 2
         args.model = str(DEMO_MODEL_DIR)
-        args.adapter = args.adapter or "hia"
+        args.adapter = args.adapter or default_adapter(args.model)
     problem = check_images(args.image, args.frame)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

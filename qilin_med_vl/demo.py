@@ -6,11 +6,11 @@ commands (see `experiments/synthetic_hia/`), shipped inside the package so that 
 It is a demonstration of the software on synthetic data, not a medical model.
 """
 
-import os
 import sys
 from pathlib import Path
 
 from .inference import generate_answers, user_message
+from .loading import default_adapter
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
 DEMO_EXAMPLES_DIR = DEMO_MODEL_DIR / "examples"
@@ -83,7 +83,7 @@ def run_demo(args) -> int:
     if not args.model and not demo_model_available():
         print("The embedded demo model is not in this installation; pass --model.", file=sys.stderr)
         return 1
-    adapter = None if args.no_adapter else (args.adapter or ("hia" if os.path.isdir(Path(model_path) / "hia") else None))
+    adapter = None if args.no_adapter else (args.adapter or default_adapter(model_path))
     images = args.image or [str(DEMO_EXAMPLES_DIR / "before.png"), str(DEMO_EXAMPLES_DIR / "after.png")]
     from .loading import check_images
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .conversion.original import check_not_inside, find_weight_files, index_shard_files, staged_output
+from .loading import HIA_SUBFOLDER
 
-ADAPTER_SUBFOLDER = "hia"
 # Each card in model_cards/ names its own repo with one of these ids; `render_model_card` puts the real one in.
 CARD_REPO_IDS = {
     "qilin-med-vl": "qilin-med-vl/Qilin-Med-VL",
@@ -159,13 +159,13 @@ def check_repo_folder(folder: str | os.PathLike) -> list[str]:
     )
     if not has_template:
         problems.append("no chat template")
-    adapter = folder / ADAPTER_SUBFOLDER
+    adapter = folder / HIA_SUBFOLDER
     if adapter.exists():
         adapter_config = _json(adapter / "adapter_config.json")
         if adapter_config.get("peft_type") != "HIA":
-            problems.append(f"{ADAPTER_SUBFOLDER}/adapter_config.json is missing or not a HiA adapter")
+            problems.append(f"{HIA_SUBFOLDER}/adapter_config.json is missing or not a HiA adapter")
         if not any((adapter / name).is_file() for name in ADAPTER_FILES[1:]):
-            problems.append(f"{ADAPTER_SUBFOLDER}/ has no adapter weights")
+            problems.append(f"{HIA_SUBFOLDER}/ has no adapter weights")
     readme = folder / "README.md"
     if not readme.is_file():
         problems.append("README.md (model card) is missing")
@@ -211,9 +211,9 @@ def assemble_repo(
     model = Path(model)
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"{model} is not a saved model folder (no config.json)")
-    adapter = Path(adapter) if adapter is not None else model / ADAPTER_SUBFOLDER
+    adapter = Path(adapter) if adapter is not None else model / HIA_SUBFOLDER
     has_adapter = adapter.is_dir()
-    if not has_adapter and adapter != model / ADAPTER_SUBFOLDER:
+    if not has_adapter and adapter != model / HIA_SUBFOLDER:
         raise FileNotFoundError(f"Adapter folder {adapter} not found")
     card = card or ("qilin-med-vl-hia" if has_adapter else "qilin-med-vl")
     readme = render_model_card(card, repo_id, base_model)
@@ -294,7 +294,7 @@ def select_upload_files(model: str | os.PathLike, adapter: str | os.PathLike | N
         name = path.relative_to(model).as_posix()
         if path.is_dir() and not path.is_symlink():
             continue
-        if name == "README.md" or (adapter is not None and name.startswith(f"{ADAPTER_SUBFOLDER}/")):
+        if name == "README.md" or (adapter is not None and name.startswith(f"{HIA_SUBFOLDER}/")):
             continue  # the card is rendered; an explicit adapter replaces the folder's own hia/
         parent = PurePosixPath(name).parent.as_posix()
         allowed = (_matches(name, UPLOAD_ALLOW_PATTERNS) or (parent in adapter_dirs and PurePosixPath(name).name in
@@ -307,7 +307,7 @@ def select_upload_files(model: str | os.PathLike, adapter: str | os.PathLike | N
         adapter = Path(adapter)
         for file_name in ADAPTER_FILES:
             if (adapter / file_name).exists() or (adapter / file_name).is_symlink():
-                selection.files[f"{ADAPTER_SUBFOLDER}/{file_name}"] = _checked_file(adapter / file_name, adapter,
+                selection.files[f"{HIA_SUBFOLDER}/{file_name}"] = _checked_file(adapter / file_name, adapter,
                                                                                    file_name)
     return selection
 

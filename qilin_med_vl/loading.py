@@ -40,6 +40,16 @@ def check_model_location(model: str, what: str = "--model") -> None:
         raise FileNotFoundError(f"{what} {text}: the local folder {state}")
 
 
+# Where a model folder or Hub repo keeps its HiA adapter: `model.load_adapter("hia")` loads it.
+HIA_SUBFOLDER = "hia"
+
+
+def default_adapter(model: str | os.PathLike) -> str | None:
+    """`"hia"` when `model` is a local folder with a saved adapter in its `hia/` subfolder, else None: what the
+    command line, the demo and the web app load when no adapter is named."""
+    return HIA_SUBFOLDER if os.path.isfile(os.path.join(model, HIA_SUBFOLDER, "adapter_config.json")) else None
+
+
 def check_images(paths, frame=None) -> str | None:
     """The first problem with the image files (one line naming the file), or None: checked before a model load
     that takes seconds to minutes, so a typo fails at once."""

@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..demo import DEMO_MODEL_DIR, NOT_FOR_CLINICAL_USE
 from ..inference import build_inputs, decode_answers
+from ..loading import default_adapter
 from ..modeling.modeling_hia import record_hia_attentions
 from .heatmap import heatmap_overlays
 from .prompts import (
@@ -132,7 +133,7 @@ class ModelSpec:
     def create(cls, model=None, adapter="auto", quantization=None, device=None, dtype=None) -> "ModelSpec":
         model = (model or "").strip() or str(DEMO_MODEL_DIR)
         if adapter == "auto":
-            adapter = "hia" if (Path(model) / "hia" / "adapter_config.json").is_file() else None
+            adapter = default_adapter(model)
         quantization = None if quantization in (None, "", "none") else quantization
         if quantization not in (None, "8bit", "4bit"):
             raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
