@@ -32,7 +32,7 @@ def chat(args) -> int:
     from .processing.processing_qilin import IMAGE_TOKEN
 
     if not args.model:
-        from .demo import DEMO_MODEL_DIR, demo_model_available
+        from .loading import DEMO_MODEL_DIR, demo_model_available
 
         if not demo_model_available():
             print("error: no --model given and the embedded demo model is not installed", file=sys.stderr)

@@ -10,16 +10,15 @@ import sys
 from pathlib import Path
 
 from .inference import generate_answers, user_message
-from .loading import default_adapter
+from .loading import (  # noqa: F401  (the demo's public names)
+    DEMO_EXAMPLES_DIR,
+    DEMO_MODEL_DIR,
+    NOT_FOR_CLINICAL_USE,
+    default_adapter,
+    demo_model_available,
+)
 
-DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
-DEMO_EXAMPLES_DIR = DEMO_MODEL_DIR / "examples"
 COMPARATIVE_QUESTION = "第一张和第二张分别是患者治疗前后的膝关节X光片，请对比两张图片。"
-NOT_FOR_CLINICAL_USE = "注意：演示模型仅在合成数据上训练，输出不可用于临床诊断。 (Synthetic demo model: not for clinical use.)"
-
-
-def demo_model_available() -> bool:
-    return (DEMO_MODEL_DIR / "config.json").is_file()
 
 
 def build_demo_base_model(output_dir, characters: str = "", seed: int = 0):

@@ -3,6 +3,7 @@
 command line, the evaluation and the demos."""
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,18 @@ def check_model_location(model: str, what: str = "--model") -> None:
     if looks_local and not os.path.isdir(os.path.expanduser(text)):
         state = "is not a folder" if os.path.exists(os.path.expanduser(text)) else "does not exist"
         raise FileNotFoundError(f"{what} {text}: the local folder {state}")
+
+
+# The embedded demo model (package data): what `demo`, `chat` and the app load when no model is named.
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+DEMO_EXAMPLES_DIR = DEMO_MODEL_DIR / "examples"
+NOT_FOR_CLINICAL_USE = (
+    "注意：演示模型仅在合成数据上训练，输出不可用于临床诊断。 (Synthetic demo model: not for clinical use.)"
+)
+
+
+def demo_model_available() -> bool:
+    return (DEMO_MODEL_DIR / "config.json").is_file()
 
 
 # Where a model folder or Hub repo keeps its HiA adapter: `model.load_adapter("hia")` loads it.

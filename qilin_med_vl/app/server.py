@@ -24,9 +24,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..demo import DEMO_MODEL_DIR, NOT_FOR_CLINICAL_USE
 from ..inference import build_inputs, decode_answers
-from ..loading import default_adapter
+from ..loading import DEMO_MODEL_DIR, NOT_FOR_CLINICAL_USE, default_adapter
 from ..modeling.modeling_hia import record_hia_attentions
 from .heatmap import heatmap_overlays
 from .prompts import (
