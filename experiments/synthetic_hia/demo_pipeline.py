@@ -605,12 +605,58 @@ def pointing(args):
     print(json.dumps(table, indent=2))
 
 
+# --- shipped examples ----------------------------------------------------------------------------------------------
+
+GALLERY = (("normal.png", "normal"), ("postop.png", "postop"), ("osteophyte.png", "osteophyte"))
+
+
+def write_gallery(folder, seed=7):
+    """Single-image examples next to the shipped before/after pair (a small flake), drawn like it: their own seeds
+    of the generator's "examples" stream, low-noise exposures so each PNG stays under 0.5 MB. Writes the PNGs and
+    `gallery.jsonl` (one record per image and single-image task, with the generator's ground truth in `meta`)."""
+    from dataclasses import replace
+
+    from qilin_med_vl.synthetic import findings as clinical
+    from qilin_med_vl.synthetic.dataset import IMAGE_TOKEN, _finding_meta, _rng, _save_png, anatomy_hash
+    from qilin_med_vl.synthetic.render import render_radiograph, sample_anatomy, sample_view, to_uint8
+
+    records = []
+    for number, (name, disease) in enumerate(GALLERY, start=1):
+        rng = _rng(seed, "examples", number)
+        anatomy = sample_anatomy(rng)
+        view = replace(sample_view(rng), noise_sigma=0.015, offset=-0.05)
+        found = [] if disease == "normal" else [
+            clinical.sample_finding(rng, disease, number % 2, ("femur", "tibia")[number % 2], clinical.FlakeSizes())]
+        _save_png(os.path.join(folder, name), to_uint8(render_radiograph(anatomy, view, found)))
+        meta = {"patient_id": f"example-{number}", "anatomy_hash": anatomy_hash(anatomy), "image_size": REFERENCE,
+                "label": disease, "disease": disease, "disease_name": clinical.DISEASE_NAMES[disease],
+                "findings": [[_finding_meta(anatomy, view, f, REFERENCE) for f in found]]}
+        for task in ("description", "disease", "location"):
+            answer = {"description": clinical.description_answer, "disease": clinical.disease_answer,
+                      "location": clinical.location_answer}[task](rng, found)
+            records.append({"id": f"{name[:-4]}-{task}", "task": task, "images": [name],
+                            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n"
+                                               + clinical.QUESTION_TEMPLATES[task][0]},
+                                              {"from": "gpt", "value": answer}],
+                            "meta": meta})
+    with open(os.path.join(folder, "gallery.jsonl"), "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return records
+
+
+def examples(args):
+    from qilin_med_vl.demo import DEMO_EXAMPLES_DIR
+
+    for record in write_gallery(str(DEMO_EXAMPLES_DIR)):
+        print(record["id"], record["conversations"][-1]["value"])
+
+
 # --- command line ---------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "features", "base", "hia", "pointing"])
+    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "features", "base", "hia", "pointing", "examples"])
     parser.add_argument("--run", default="runs/demo")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -622,7 +668,7 @@ def main(argv=None):
     torch.manual_seed(0)
     random.seed(0)
     {"vision": train_low_vision, "hr-encoder": train_high_vision, "controls": controls, "features": cache_features,
-     "base": train_base, "hia": train_hia, "pointing": pointing}[args.stage](args)
+     "base": train_base, "hia": train_hia, "pointing": pointing, "examples": examples}[args.stage](args)
 
 
 if __name__ == "__main__":
