@@ -325,7 +325,8 @@ def controls(args):
     rows, results = {}, {}
     for split_name in ("validation", "test"):
         split = Split(run / "data", split_name)
-        true = torch.tensor([max(k) if (k > 0).sum() == 1 else -1 for k in split.kinds])
+        # 0 for a normal image, the kind for one finding, -1 (left out) for two (an implant with another finding)
+        true = torch.tensor([int(k.max()) if (k > 0).sum() <= 1 else -1 for k in split.kinds])
         keys = [split.finding_key(i) for i in range(len(split.low))]
         for name, probe, images in (("low 112 (CLIP tower)", low, split.low), ("high 672 (HiA encoder)", high, split.high)):
             logits = probe_predictions(probe, images, 16 if "high" in name else 64)
@@ -354,6 +355,8 @@ def controls(args):
 
 # --- cached high-resolution features ------------------------------------------------------------------------------
 
+FEATURE_RECORDS = 1400
+
 
 @torch.no_grad()
 def cache_features(args):
@@ -367,14 +370,17 @@ def cache_features(args):
         if out.is_file():
             continue
         split = Split(run / "data", split_name)
+        # The HiA stage sees the first `FEATURE_RECORDS` training records (their images come first in the cache):
+        # encoding every training image at 672 px would cost more CPU time than the HiA stage itself.
+        count = split.images_of[min(FEATURE_RECORDS, len(split.records)) - 1][-1] + 1
         high, low = [], []
         start = time.time()
-        for i in range(0, len(split.high), 8):
-            high.append(encoder(normalise(split.high[i : i + 8])).half())
+        for i in range(0, count, 8):
+            high.append(encoder(normalise(split.high[i : min(i + 8, count)])).half())
             if i % 400 == 0:
-                log(f"features {split_name} {i}/{len(split.high)} {time.time() - start:.0f} s")
-        for i in range(0, len(split.low), 64):
-            low.append(encoder(normalise(split.low[i : i + 64])).half())
+                log(f"features {split_name} {i}/{count} {time.time() - start:.0f} s")
+        for i in range(0, count, 64):
+            low.append(encoder(normalise(split.low[i : min(i + 64, count)])).half())
         torch.save({"672": torch.cat(high), "112": torch.cat(low)}, out)
 
 
@@ -520,6 +526,7 @@ def train_hia(args):
         grid = int(features.shape[1] ** 0.5)
         model, owner = hia_model(run, variant)
         processor = load_processor(run, VARIANTS[variant]["high_res_size"])
+        train.records = train.records[: min(FEATURE_RECORDS, len(train.records))]  # those with cached features
         batcher = Batcher(processor, train)
         current = {}
         owner.encode = lambda pixels: (current["features"], (grid, grid))  # the frozen encoder's cached output
