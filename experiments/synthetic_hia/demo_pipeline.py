@@ -353,9 +353,43 @@ def controls(args):
     print(text)
 
 
+def controls_auc(args):
+    """Threshold-free control on validation: AUC of each kind's pooled score, images of that finding against normal
+    images (0.5 = blind). Catches a probe that fires on every image, which the thresholded table counts as right."""
+    run = Path(args.run)
+    model = init_model(run)
+    low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
+    low.load_state_dict(torch.load(run / "vision_low.pt"))
+    high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"])
+    high.load_state_dict(torch.load(run / "vision_high.pt"))
+    split = Split(run / "data", "validation")
+    keys = [split.finding_key(i) for i in range(len(split.low))]
+    findings = [("flake (small)", 1), ("flake (large)", 1), ("fracture", 2), ("osteophyte", 3), ("narrowing", 4),
+                ("implant", 5)]
+    lines = ["| model | " + " | ".join(k for k, _ in findings) + " |", "|---" * (len(findings) + 1) + "|"]
+    table = {}
+    for name, probe, images in (("low 112 (CLIP tower)", low, split.low), ("high 672 (HiA encoder)", high, split.high)):
+        pooled = probe_predictions(probe, images, 16 if "high" in name else 64).flatten(2).amax(-1)
+        normal = np.array([pooled[i] .numpy() for i, k in enumerate(keys) if k == "normal"])
+        row = {}
+        for key, kind in findings:
+            positive = np.array([float(pooled[i, kind - 1]) for i, k in enumerate(keys) if k == key])
+            negative = normal[:, kind - 1]
+            row[key] = float((positive[:, None] > negative[None, :]).mean()
+                             + 0.5 * (positive[:, None] == negative[None, :]).mean())
+        table[name] = row
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.2f}" for k, _ in findings) + " |")
+    text = ("\nVision-only AUC on validation (each finding's images against the normal ones, by that kind's pooled "
+            "score; 0.5 = blind)\n\n" + "\n".join(lines) + "\n")
+    with open(run / "controls.md", "a", encoding="utf-8") as handle:
+        handle.write(text)
+    (run / "controls_auc.json").write_text(json.dumps(table, indent=2))
+    print(text)
+
+
 # --- cached high-resolution features ------------------------------------------------------------------------------
 
-FEATURE_RECORDS = 1400
+FEATURE_RECORDS = 1000
 
 
 @torch.no_grad()
@@ -663,7 +697,7 @@ def examples(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "features", "base", "hia", "pointing", "examples"])
+    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "features", "base", "hia", "pointing", "examples", "controls-auc"])
     parser.add_argument("--run", default="runs/demo")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -675,7 +709,7 @@ def main(argv=None):
     torch.manual_seed(0)
     random.seed(0)
     {"vision": train_low_vision, "hr-encoder": train_high_vision, "controls": controls, "features": cache_features,
-     "base": train_base, "hia": train_hia, "pointing": pointing, "examples": examples}[args.stage](args)
+     "base": train_base, "hia": train_hia, "pointing": pointing, "examples": examples, "controls-auc": controls_auc}[args.stage](args)
 
 
 if __name__ == "__main__":
