@@ -79,8 +79,8 @@ def generate_report(model, processor, images, question=COMPARATIVE_QUESTION, max
 
 
 def shipped_ground_truth(images, question) -> str | None:
-    """The generator's reference answer when `images` are shipped examples (`examples/*.jsonl`): for the question's
-    task (the comparative one for two images), else None."""
+    """The generator's reference answer when `images` are shipped examples (`examples/*.jsonl`): the record with these
+    images and this question, else the first record with these images (its report); None for other images."""
     names = [Path(image).name for image in images]
     if any(Path(image).resolve() != (DEMO_EXAMPLES_DIR / name).resolve() for image, name in zip(images, names)):
         return None
