@@ -6,6 +6,7 @@ commands (see `experiments/synthetic_hia/`), shipped inside the package so that 
 It is a demonstration of the software on synthetic data, not a medical model.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -75,6 +76,20 @@ def generate_report(model, processor, images, question=COMPARATIVE_QUESTION, max
     return report
 
 
+def shipped_ground_truth(images, question) -> str | None:
+    """The generator's reference answer when `images` are shipped examples (`examples/*.jsonl`): the record with these
+    images and this question, else the first record with these images (its report); None for other images."""
+    names = [Path(image).name for image in images]
+    if any(Path(image).resolve() != (DEMO_EXAMPLES_DIR / name).resolve() for image, name in zip(images, names)):
+        return None
+    records = [json.loads(line) for path in sorted(DEMO_EXAMPLES_DIR.glob("*.jsonl"))
+               for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    matching = [r for r in records if r["images"] == names]
+    exact = [r for r in matching if r["conversations"][0]["value"].endswith(question)]
+    chosen = (exact or matching)[:1]
+    return chosen[0]["conversations"][-1]["value"] if chosen else None
+
+
 def run_demo(args) -> int:
     from .loading import load_model_and_processor
 
@@ -95,10 +110,14 @@ def run_demo(args) -> int:
     print(f"images: {', '.join(map(str, images))}\nquestion: {args.question}\nHiA: {'on' if adapter else 'off'}\n",
           file=sys.stderr)
     report = generate_report(model, processor, images, args.question, args.max_new_tokens, stream=True)
+    truth = shipped_ground_truth(images, args.question)
+    if truth:
+        print(f"\nsynthetic ground truth (generator): {truth}", file=sys.stderr)
     if args.output:
         Path(args.output).write_text(
             f"# 对比报告 / Comparative report\n\n{NOT_FOR_CLINICAL_USE}\n\n- images: {', '.join(map(str, images))}\n"
-            f"- question: {args.question}\n\n{report}\n",
+            f"- question: {args.question}\n\n{report}\n"
+            + (f"\n合成数据真值 / synthetic ground truth: {truth}\n" if truth else ""),
             encoding="utf-8",
         )
         print(f"\nreport written to {args.output}", file=sys.stderr)

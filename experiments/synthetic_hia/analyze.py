@@ -1,10 +1,12 @@
 """Finding-level accuracy of the synthetic evaluation, next to BLEU/METEOR: does an answer name the right disease,
 the right location, the right change? Broken down by finding (small flakes are the lesions the low-resolution path
-cannot see).
+cannot see), summarised in the rows the demo model is held to, with the vision-only controls and the pointing game
+when the run has them (`demo_pipeline.py controls` / `pointing`).
 
-    python experiments/synthetic_hia/analyze.py runs/synthetic
+    python experiments/synthetic_hia/analyze.py runs/demo
 
-Reads `data/test.jsonl` (its `meta` labels) and `eval/<variant>/predictions.jsonl`; writes `analysis.md`.
+Reads `data/test.jsonl` (its `meta` labels) and `eval/<variant>/predictions.jsonl` (+ `scores.json`,
+`controls.md`, `pointing.json`); writes `analysis.md` and `results.md`.
 """
 
 import json
@@ -45,10 +47,25 @@ def correct(record: dict, prediction: str) -> bool:
     return reference.replace("影像所见：", "") in prediction or prediction in reference  # description: exact report
 
 
+# Summary rows: (name, task, findings it pools; None = all).
+SUMMARY_ROWS = [
+    ("disease, coarse findings (osteophyte, narrowing, postop, normal)", "disease",
+     {"osteophyte", "narrowing", "postop", "normal"}),
+    ("disease, small flakes", "disease", {"flake (small)"}),
+    ("disease, large flakes", "disease", {"flake (large)"}),
+    ("disease, fracture lines", "disease", {"fracture"}),
+    ("location, all findings", "location", None),
+    ("comparative, small-flake pairs", "comparative", {"flake (small)"}),
+    ("comparative, all pairs", "comparative", None),
+    ("description, exact report", "description", None),
+]
+
+
 def main(run_dir: str) -> None:
     run = Path(run_dir)
     records = {r["id"]: r for r in map(json.loads, (run / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines())}
     table = defaultdict(dict)
+    summary = defaultdict(dict)
     for variant in VARIANTS:
         path = run / "eval" / variant / "predictions.jsonl"
         if not path.exists():
@@ -61,12 +78,42 @@ def main(run_dir: str) -> None:
             counts[key][1] += 1
         for key, (right, total) in counts.items():
             table[key][variant] = f"{100 * right / total:.0f} ({total})"
+        for name, task, findings in SUMMARY_ROWS:
+            chosen = [c for (t, f), c in counts.items() if t == task and (findings is None or f in findings)]
+            if chosen:
+                right, total = sum(c[0] for c in chosen), sum(c[1] for c in chosen)
+                summary[name][variant] = f"{100 * right / total:.0f} ({total})"
     variants = [v for v in VARIANTS if any(v in row for row in table.values())]
     lines = ["| task | finding | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for (task, finding) in sorted(table):
         lines.append(f"| {task} | {finding} | " + " | ".join(table[(task, finding)].get(v, "-") for v in variants) + " |")
-    text = "Finding-level accuracy, % (count)\n\n" + "\n".join(lines) + "\n"
+    rows = ["| row | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for name, _, _ in SUMMARY_ROWS:
+        if name in summary:
+            rows.append(f"| {name} | " + " | ".join(summary[name].get(v, "-") for v in variants) + " |")
+    text = ("## Summary: finding-level accuracy on the test split, % (count)\n\n" + "\n".join(rows) + "\n\n"
+            "## Finding-level accuracy by task and finding, % (count)\n\n" + "\n".join(lines) + "\n")
+    if (run / "controls.md").is_file():
+        text += "\n## Vision-only controls\n" + (run / "controls.md").read_text(encoding="utf-8")
+    if (run / "pointing.json").is_file():
+        pointing = json.loads((run / "pointing.json").read_text(encoding="utf-8"))
+        text += ("\n## Pointing game (HiA extractor attention on the high-resolution grid, test images with one finding)"
+                 "\n\n| finding | images | attention mass in box | box share of grid | ratio | argmax cell in box |"
+                 "\n|---|---|---|---|---|---|\n")
+        for key, row in pointing.items():
+            ratio = row["attention_in_box"] / max(row["box_share_of_grid"], 1e-9)
+            text += (f"| {key} | {row['images']} | {row['attention_in_box']:.3f} | {row['box_share_of_grid']:.3f} | "
+                     f"{ratio:.1f}x | {100 * row['argmax_in_box']:.0f} % |\n")
     (run / "analysis.md").write_text(text, encoding="utf-8")
+    scores = {v.replace("_", " ").replace("HiA", "+HiA").replace("wo", "w/o"): json.loads(
+        (run / "eval" / v / "scores.json").read_text(encoding="utf-8")) for v in variants
+        if (run / "eval" / v / "scores.json").is_file()}
+    if scores:
+        from qilin_med_vl.evaluation import format_markdown_table
+
+        (run / "results.md").write_text(format_markdown_table(
+            scores, task_order=["description", "disease", "location", "comparative"]) + "\n", encoding="utf-8")
+        print((run / "results.md").read_text(encoding="utf-8"))
     print(text)
 
 

@@ -1,0 +1,118 @@
+"""Render the synthetic splits once and cache what training needs as uint8 arrays.
+
+    python experiments/synthetic_hia/data_cache.py --output runs/demo/data --seed 1 --train 2400 --validation 200 \
+        --test 400 --workers 2
+
+Writes the usual `synth-data` layout (`<split>.jsonl`, `images/<split>/*.png`, `manifest.json`) so the package's
+`evaluate` command and the shipped examples work on it, plus `cache/<split>.npz` with, per image (in record order):
+`low` (N, 112, 112) and `high` (N, 672, 672): the image processor's own resized views, un-normalised to uint8 (one
+channel: the images are grayscale); `record` and `view` (which record and which of its images); `boxes`
+(N, 3, 4) lesion boxes in 1024-px coordinates (-1 padded) and `kinds` (N, 3) finding-kind codes (0 = none).
+The processor is called once per image, so training never decodes or resizes an image again.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+
+KINDS = ("none", "flake", "fracture", "osteophyte", "narrowing", "implant")
+LOW_SIZE, HIGH_SIZE = 112, 672
+
+_processor = None
+
+
+def _image_processor():
+    global _processor
+    if _processor is None:
+        from qilin_med_vl.processing.image_processing_qilin import QilinImageProcessor
+
+        _processor = QilinImageProcessor(size={"shortest_edge": LOW_SIZE},
+                                         crop_size={"height": LOW_SIZE, "width": LOW_SIZE}, high_res_size=HIGH_SIZE)
+    return _processor
+
+
+def _to_uint8(normalised, processor):
+    """(3, S, S) CLIP-normalised tensor of a grayscale image -> (S, S) uint8 (channel 0, un-normalised)."""
+    value = normalised[0].numpy() * processor.image_std[0] + processor.image_mean[0]
+    return np.clip(np.round(value * 255.0), 0, 255).astype(np.uint8)
+
+
+def _job(job):
+    import torch
+    from PIL import Image
+
+    from qilin_med_vl.synthetic.dataset import _save_png, generate_record
+
+    torch.set_num_threads(1)
+    plan, config, output_dir = job
+    record, images = generate_record(plan, config)
+    processor = _image_processor()
+    lows, highs = [], []
+    for relative, image in zip(record["images"], images):
+        _save_png(os.path.join(output_dir, relative), image)
+        out = processor([Image.fromarray(image).convert("RGB")], return_tensors="pt")
+        lows.append(_to_uint8(out["pixel_values"][0], processor))
+        highs.append(_to_uint8(out["high_res_pixel_values"][0], processor))
+    return json.dumps(record, ensure_ascii=False), lows, highs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="runs/demo/data")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--train", type=int, default=2400)
+    parser.add_argument("--validation", type=int, default=200)
+    parser.add_argument("--test", type=int, default=400)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    from qilin_med_vl.synthetic.dataset import GENERATOR_VERSION, SynthConfig, plan_split
+
+    out = Path(args.output)
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    counts = {"train": args.train, "validation": args.validation, "test": args.test}
+    config = SynthConfig(seed=args.seed, counts=counts)
+    pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 1 else None
+    for split, count in counts.items():
+        if (out / "cache" / f"{split}.npz").is_file():
+            continue
+        plans = plan_split(split, count, args.seed)
+        jobs = [(plan, config, str(out)) for plan in plans]
+        results = pool.imap(_job, jobs, chunksize=4) if pool else map(_job, jobs)
+        lines, low, high, record_index, view_index, boxes, kinds = [], [], [], [], [], [], []
+        for index, (line, lows, highs) in enumerate(results):
+            lines.append(line)
+            record = json.loads(line)
+            for view, (lo, hi) in enumerate(zip(lows, highs)):
+                low.append(lo)
+                high.append(hi)
+                record_index.append(index)
+                view_index.append(view)
+                found = record["meta"]["findings"][view]
+                box = np.full((3, 4), -1, np.int16)
+                kind = np.zeros(3, np.int8)
+                for slot, finding in enumerate(found[:3]):
+                    box[slot] = finding["box"]
+                    kind[slot] = KINDS.index(finding["kind"])
+                boxes.append(box)
+                kinds.append(kind)
+            if (index + 1) % 200 == 0:
+                print(f"{split}: {index + 1}/{count}", flush=True)
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        np.savez(out / "cache" / f"{split}.npz", low=np.stack(low), high=np.stack(high),
+                 record=np.array(record_index), view=np.array(view_index), boxes=np.stack(boxes),
+                 kinds=np.stack(kinds))
+    if pool:
+        pool.close()
+        pool.join()
+    manifest = {"generator": "qilin_med_vl.synthetic", "generator_version": GENERATOR_VERSION, "seed": args.seed,
+                "counts": counts, "cache_sizes": {"low": LOW_SIZE, "high": HIGH_SIZE}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

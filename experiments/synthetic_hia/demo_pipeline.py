@@ -1,0 +1,716 @@
+"""Train the embedded demo model on CPU: vision warm-up first, then the language stages, then HiA and its ablations.
+
+    python experiments/synthetic_hia/demo_pipeline.py STAGE --run runs/demo [options]
+
+Stages, in order (each writes into `--run` and is skipped when its output exists, so a killed run resumes; the
+long loops also checkpoint every `--save-every` steps):
+
+    vision      the CLIP tower alone at 112 px: a dense lesion map (per patch token and finding kind, BCE with
+                pos_weight 20) plus image-level finding kinds (max over tokens), flips and exposure jitter;
+    hr-encoder  HiA's high-resolution encoder alone at 672 px on 224-px crops, the same dense + image-level loss,
+                batches of 1/3 flake images, 1/3 normal images (hard negatives), 1/3 others;
+    controls    vision-only accuracy by finding and lesion size on validation and test, low vs high resolution;
+    features    the warmed encoder's grid features of every image at 672 px and at 112 px (the "w/o HR" input),
+                cached: the encoder stays frozen in the HiA stage;
+    base        instruction tuning of projector + language model on all four tasks, the warmed tower frozen;
+    hia         the HiA blocks (encoder frozen and warmed), three variants: HiA, HiA_wo_IA, HiA_wo_HR.
+
+Data come from `data_cache.py` (uint8 arrays of the image processor's own views, so no image is decoded or
+resized during training). The package's `evaluate` command scores the result on the PNG test split end to end
+(`reproduce_demo.sh`). Hyper-parameters were fixed on the validation split.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+torch.set_num_threads(1)
+
+KINDS = ("none", "flake", "fracture", "osteophyte", "narrowing", "implant")
+NUM_KINDS = len(KINDS) - 1  # channels of the lesion map: one per finding kind
+REFERENCE = 1024
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+HIA_KWARGS = dict(num_queries=32, num_heads=4, hidden_size=128, encoder_depths=[1, 1, 1, 1], encoder_width=16,
+                  layers=[1, 2])
+VARIANTS = {"HiA": dict(high_res_size=672, instruction_aware=True),
+            "HiA_wo_IA": dict(high_res_size=672, instruction_aware=False),
+            "HiA_wo_HR": dict(high_res_size=112, instruction_aware=True)}
+
+
+def log(*args):
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+class Split:
+    """One cached split: records and per-image arrays (see data_cache.py)."""
+
+    def __init__(self, data_dir, name, load_high=True):
+        self.name = name
+        self.records = [json.loads(line) for line in (Path(data_dir) / f"{name}.jsonl").read_text("utf-8").splitlines()]
+        cache = np.load(Path(data_dir) / "cache" / f"{name}.npz")
+        self.low = torch.from_numpy(cache["low"])
+        self.high = torch.from_numpy(cache["high"]) if load_high else None
+        self.record, self.view = cache["record"], cache["view"]
+        self.boxes, self.kinds = cache["boxes"].astype(np.float32), cache["kinds"].astype(np.int64)
+        # images of record i, in order
+        self.images_of = [[] for _ in self.records]
+        for image, record in enumerate(self.record):
+            self.images_of[record].append(image)
+
+    def finding_key(self, image):
+        """normal / flake (small|large) / fracture / ... / implant+X, for the controls table."""
+        found = self.records[self.record[image]]["meta"]["findings"][self.view[image]]
+        if not found:
+            return "normal"
+        keys = []
+        for f in found:
+            keys.append(f"flake ({f.get('size_class', 'small')})" if f["kind"] == "flake" else f["kind"])
+        return "+".join(sorted(keys))
+
+
+def normalise(uint8_images, gain=None, offset=None):
+    """(N, S, S) uint8 -> (N, 3, S, S) CLIP-normalised float, optionally with exposure jitter."""
+    x = uint8_images.float().div(255.0).unsqueeze(1)
+    if gain is not None:
+        x = (x * gain.view(-1, 1, 1, 1) + offset.view(-1, 1, 1, 1)).clamp(0, 1)
+    return ((x - CLIP_MEAN) / CLIP_STD).contiguous()
+
+
+def lesion_map(boxes, kinds, grid, origin=(0.0, 0.0), extent=float(REFERENCE), flip=False):
+    """(NUM_KINDS, grid, grid) float target: 1 where the cell overlaps a box of that kind. `origin`/`extent` give the
+    window (in 1024-px coordinates) that the grid covers."""
+    target = torch.zeros(NUM_KINDS, grid, grid)
+    cell = extent / grid
+    for box, kind in zip(boxes, kinds):
+        if kind <= 0:
+            continue
+        x0, y0, x1, y1 = box
+        if flip:
+            x0, x1 = REFERENCE - x1, REFERENCE - x0
+        c0 = math.floor((x0 - origin[0]) / cell)
+        c1 = math.ceil((x1 - origin[0]) / cell)
+        r0 = math.floor((y0 - origin[1]) / cell)
+        r1 = math.ceil((y1 - origin[1]) / cell)
+        c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, grid), min(r1, grid)
+        if c1 > c0 and r1 > r0:
+            target[kind - 1, r0:r1, c0:c1] = 1.0
+    return target
+
+
+def image_kinds(kinds):
+    target = torch.zeros(NUM_KINDS)
+    for kind in kinds:
+        if kind > 0:
+            target[kind - 1] = 1.0
+    return target
+
+
+def cosine_lr(step, total, base, warmup):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def save_checkpoint(path, step, modules, optimizer):
+    tmp = str(path) + ".tmp"
+    torch.save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
+                "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, modules, optimizer):
+    if not Path(path).is_file():
+        return 0
+    state = torch.load(path, weights_only=False)
+    for k, m in modules.items():
+        m.load_state_dict(state["modules"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    log(f"resumed {path} at step {state['step']}")
+    return state["step"]
+
+
+# --- vision warm-up -------------------------------------------------------------------------------------------------
+
+
+class LowResProbe(nn.Module):
+    """The CLIP tower's patch tokens (hidden_states[-2], the features the projector reads) -> lesion map logits."""
+
+    def __init__(self, tower, hidden):
+        super().__init__()
+        self.tower = tower
+        self.head = nn.Linear(hidden, NUM_KINDS)
+
+    def forward(self, pixel_values):
+        hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]  # (N, 64, C)
+        grid = int(hidden.shape[1] ** 0.5)
+        return self.head(hidden).transpose(1, 2).reshape(len(hidden), NUM_KINDS, grid, grid)
+
+
+class HighResProbe(nn.Module):
+    def __init__(self, encoder, hidden):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden, NUM_KINDS)
+
+    def forward(self, pixel_values):
+        features, (gh, gw) = self.encoder(pixel_values, return_grid_size=True)
+        return self.head(features).transpose(1, 2).reshape(len(features), NUM_KINDS, gh, gw)
+
+
+def probe_loss(logits, dense_target, kinds_target, pos_weight=20.0):
+    dense = F.binary_cross_entropy_with_logits(logits, dense_target,
+                                               pos_weight=torch.full((NUM_KINDS, 1, 1), pos_weight))
+    pooled = logits.flatten(2).amax(-1)  # (N, NUM_KINDS): is there a finding of this kind anywhere
+    return dense + F.binary_cross_entropy_with_logits(pooled, kinds_target)
+
+
+def predict_kind(logits):
+    """Image-level prediction: the most likely kind if its pooled probability exceeds 0.5, else none (0)."""
+    pooled = logits.flatten(2).amax(-1).sigmoid()
+    best = pooled.argmax(-1)
+    return torch.where(pooled.max(-1).values > 0.5, best + 1, torch.zeros_like(best))
+
+
+def init_model(run):
+    from qilin_med_vl.demo import build_demo_base_model
+
+    init = Path(run) / "init"
+    if not (init / "model.safetensors").is_file():
+        data = Path(run) / "data"
+        characters = "".join(sorted(set((data / "train.jsonl").read_text("utf-8"))))
+        build_demo_base_model(init, characters=characters, seed=0)
+    from qilin_med_vl.modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
+
+    return QilinMedVLForConditionalGeneration.from_pretrained(init)
+
+
+def train_low_vision(args):
+    run = Path(args.run)
+    out = run / "vision_low.pt"
+    if out.is_file():
+        return
+    train = Split(run / "data", "train", load_high=False)
+    model = init_model(run)
+    probe = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.05)
+    ckpt = run / "vision_low.ckpt"
+    step = load_checkpoint(ckpt, {"probe": probe}, optimizer)
+    rng = np.random.default_rng(1000 + step)
+    probe.train()
+    start, n = time.time(), len(train.low)
+    while step < args.steps:
+        index = rng.integers(0, n, args.batch_size)
+        flip = rng.uniform(size=args.batch_size) < 0.5
+        images = train.low[index].clone()
+        images[flip] = images[flip].flip(-1)
+        gain = torch.from_numpy(rng.uniform(0.9, 1.1, args.batch_size)).float()
+        offset = torch.from_numpy(rng.uniform(-0.05, 0.05, args.batch_size)).float()
+        grid = 112 // 14
+        dense = torch.stack([lesion_map(train.boxes[i], train.kinds[i], grid, flip=f) for i, f in zip(index, flip)])
+        kinds = torch.stack([image_kinds(train.kinds[i]) for i in index])
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, 50)
+        loss = probe_loss(probe(normalise(images, gain, offset)), dense, kinds)
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"vision-low step {step}/{args.steps} loss {loss.item():.4f} {(time.time() - start) / 50:.2f} s/step")
+            start = time.time()
+        if step % args.save_every == 0:
+            save_checkpoint(ckpt, step, {"probe": probe}, optimizer)
+    torch.save(probe.state_dict(), out)
+
+
+def build_encoder():
+    from qilin_med_vl.modeling.high_resolution_encoder_hia import HighResolutionEncoder
+
+    torch.manual_seed(0)
+    return HighResolutionEncoder(output_dim=HIA_KWARGS["hidden_size"], depths=HIA_KWARGS["encoder_depths"],
+                                 width=HIA_KWARGS["encoder_width"])
+
+
+def train_high_vision(args):
+    run = Path(args.run)
+    out = run / "vision_high.pt"
+    if out.is_file():
+        return
+    train = Split(run / "data", "train")
+    probe = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"])
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.05)
+    ckpt = run / "vision_high.ckpt"
+    step = load_checkpoint(ckpt, {"probe": probe}, optimizer)
+    rng = np.random.default_rng(2000 + step)
+    has = lambda k: np.array([(kinds == k).any() for kinds in train.kinds])  # noqa: E731
+    flakes = np.flatnonzero(has(1))
+    normals = np.flatnonzero((train.kinds == 0).all(1))
+    others = np.flatnonzero(~has(1) & ~(train.kinds == 0).all(1))
+    size, crop = 672, args.crop
+    scale = size / REFERENCE
+    probe.train()
+    start = time.time()
+    while step < args.steps:
+        pools = [pool if len(pool) else np.arange(len(train.kinds)) for pool in (flakes, normals, others)]
+        index = np.array([rng.choice(pools[i % 3]) for i in range(args.batch_size)])
+        crops, dense, kinds = [], [], []
+        for i in index:
+            boxes = [b for b, k in zip(train.boxes[i], train.kinds[i]) if k > 0]
+            if boxes and rng.uniform() < 0.8:  # a crop holding (a part of) a finding
+                x0, y0, x1, y1 = np.array(boxes[rng.integers(len(boxes))]) * scale
+                cx, cy = rng.uniform(x0, x1), rng.uniform(y0, y1)
+                ox = int(np.clip(cx - rng.uniform(0.15, 0.85) * crop, 0, size - crop))
+                oy = int(np.clip(cy - rng.uniform(0.15, 0.85) * crop, 0, size - crop))
+            else:
+                ox, oy = (int(v) for v in rng.integers(0, size - crop + 1, 2))
+            crops.append(train.high[i, oy : oy + crop, ox : ox + crop])
+            target = lesion_map(train.boxes[i], train.kinds[i], crop // 32, origin=(ox / scale, oy / scale),
+                                extent=crop / scale)
+            dense.append(target)
+            kinds.append(target.flatten(1).amax(-1))
+        flip = torch.from_numpy(rng.uniform(size=args.batch_size) < 0.5)
+        crops, dense = torch.stack(crops), torch.stack(dense)
+        crops[flip], dense[flip] = crops[flip].flip(-1), dense[flip].flip(-1)
+        gain = torch.from_numpy(rng.uniform(0.9, 1.1, args.batch_size)).float()
+        offset = torch.from_numpy(rng.uniform(-0.05, 0.05, args.batch_size)).float()
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, 50)
+        loss = probe_loss(probe(normalise(crops, gain, offset)), dense, torch.stack(kinds))
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 25 == 0:
+            log(f"vision-high step {step}/{args.steps} loss {loss.item():.4f} {(time.time() - start) / 25:.2f} s/step")
+            start = time.time()
+        if step % args.save_every == 0:
+            save_checkpoint(ckpt, step, {"probe": probe}, optimizer)
+    torch.save(probe.state_dict(), out)
+
+
+# --- controls -------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def probe_predictions(probe, images, batch_size=32):
+    probe.eval()
+    logits = [probe(normalise(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    return torch.cat(logits)
+
+
+def controls(args):
+    run = Path(args.run)
+    model = init_model(run)
+    low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
+    low.load_state_dict(torch.load(run / "vision_low.pt"))
+    high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"])
+    high.load_state_dict(torch.load(run / "vision_high.pt"))
+    rows, results = {}, {}
+    for split_name in ("validation", "test"):
+        split = Split(run / "data", split_name)
+        # 0 for a normal image, the kind for one finding, -1 (left out) for two (an implant with another finding)
+        true = torch.tensor([int(k.max()) if (k > 0).sum() <= 1 else -1 for k in split.kinds])
+        keys = [split.finding_key(i) for i in range(len(split.low))]
+        for name, probe, images in (("low 112 (CLIP tower)", low, split.low), ("high 672 (HiA encoder)", high, split.high)):
+            logits = probe_predictions(probe, images, 16 if "high" in name else 64)
+            predicted = predict_kind(logits)
+            table = {}
+            for key in sorted(set(keys)):
+                chosen = [i for i, k in enumerate(keys) if k == key and true[i] >= 0]
+                if chosen:
+                    table[key] = (int((predicted[chosen] == true[chosen]).sum()), len(chosen))
+            results[(split_name, name)] = table
+            rows.setdefault(split_name, {})[name] = table
+    lines = []
+    for split_name, per_model in rows.items():
+        keys = sorted({k for table in per_model.values() for k in table})
+        lines += [f"\nVision-only accuracy on {split_name} images with one finding, % (count); a finding counts when "
+                  "the probe names its kind and no other (normal: nothing above 0.5)\n",
+                  "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for name, table in per_model.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{100 * table[k][0] / table[k][1]:.0f} ({table[k][1]})" if k in table else "-" for k in keys) + " |")
+    text = "\n".join(lines) + "\n"
+    (run / "controls.md").write_text(text, encoding="utf-8")
+    (run / "controls.json").write_text(json.dumps({f"{s}/{m}": t for (s, m), t in results.items()}, indent=2))
+    print(text)
+
+
+def controls_auc(args):
+    """Threshold-free control on validation: AUC of each kind's pooled score, images of that finding against normal
+    images (0.5 = blind). Catches a probe that fires on every image, which the thresholded table counts as right."""
+    run = Path(args.run)
+    model = init_model(run)
+    low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
+    low.load_state_dict(torch.load(run / "vision_low.pt"))
+    high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"])
+    high.load_state_dict(torch.load(run / "vision_high.pt"))
+    split = Split(run / "data", "validation")
+    keys = [split.finding_key(i) for i in range(len(split.low))]
+    findings = [("flake (small)", 1), ("flake (large)", 1), ("fracture", 2), ("osteophyte", 3), ("narrowing", 4),
+                ("implant", 5)]
+    lines = ["| model | " + " | ".join(k for k, _ in findings) + " |", "|---" * (len(findings) + 1) + "|"]
+    table = {}
+    for name, probe, images in (("low 112 (CLIP tower)", low, split.low), ("high 672 (HiA encoder)", high, split.high)):
+        pooled = probe_predictions(probe, images, 16 if "high" in name else 64).flatten(2).amax(-1)
+        normal = np.array([pooled[i] .numpy() for i, k in enumerate(keys) if k == "normal"])
+        row = {}
+        for key, kind in findings:
+            positive = np.array([float(pooled[i, kind - 1]) for i, k in enumerate(keys) if k == key])
+            negative = normal[:, kind - 1]
+            row[key] = float((positive[:, None] > negative[None, :]).mean()
+                             + 0.5 * (positive[:, None] == negative[None, :]).mean())
+        table[name] = row
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.2f}" for k, _ in findings) + " |")
+    text = ("\nVision-only AUC on validation (each finding's images against the normal ones, by that kind's pooled "
+            "score; 0.5 = blind)\n\n" + "\n".join(lines) + "\n")
+    with open(run / "controls.md", "a", encoding="utf-8") as handle:
+        handle.write(text)
+    (run / "controls_auc.json").write_text(json.dumps(table, indent=2))
+    print(text)
+
+
+# --- cached high-resolution features ------------------------------------------------------------------------------
+
+FEATURE_RECORDS = 1000
+
+
+@torch.no_grad()
+def cache_features(args):
+    run = Path(args.run)
+    encoder = build_encoder()
+    probe = HighResProbe(encoder, HIA_KWARGS["hidden_size"])
+    probe.load_state_dict(torch.load(run / "vision_high.pt"))
+    encoder.eval()
+    for split_name in ("train",):
+        out = run / f"features_{split_name}.pt"
+        if out.is_file():
+            continue
+        split = Split(run / "data", split_name)
+        # The HiA stage sees the first `FEATURE_RECORDS` training records (their images come first in the cache):
+        # encoding every training image at 672 px would cost more CPU time than the HiA stage itself.
+        count = split.images_of[min(FEATURE_RECORDS, len(split.records)) - 1][-1] + 1
+        high, low = [], []
+        start = time.time()
+        for i in range(0, count, 8):
+            high.append(encoder(normalise(split.high[i : min(i + 8, count)])).half())
+            if i % 400 == 0:
+                log(f"features {split_name} {i}/{count} {time.time() - start:.0f} s")
+        for i in range(0, count, 64):
+            low.append(encoder(normalise(split.low[i : min(i + 64, count)])).half())
+        torch.save({"672": torch.cat(high), "112": torch.cat(low)}, out)
+
+
+# --- language stages ------------------------------------------------------------------------------------------------
+
+
+class Batcher:
+    """Records -> model inputs: the processor builds the text side (chat template, image-token expansion, labels
+    from the assistant mask) from placeholder images; the pixels come from the cache."""
+
+    def __init__(self, processor, split):
+        from PIL import Image
+
+        self.processor, self.split = processor, split
+        self.placeholder = Image.new("RGB", (112, 112))
+
+    def __call__(self, record_indices, generation=False):
+        from qilin_med_vl.training.data import record_to_messages
+
+        records = [self.split.records[i] for i in record_indices]
+        conversations = [record_to_messages(r) for r in records]
+        if generation:
+            conversations = [c[:-1] for c in conversations]
+        batch = self.processor.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_tensors="pt",
+            add_generation_prompt=generation, return_assistant_tokens_mask=not generation,
+            processor_kwargs={"images": [[self.placeholder] * len(r["images"]) for r in records],
+                              "padding_side": "left" if generation else "right", "return_high_res": False},
+        )
+        images = [i for r in record_indices for i in self.split.images_of[r]]
+        batch["pixel_values"] = normalise(self.split.low[images])
+        if not generation:
+            mask = torch.as_tensor(batch.pop("assistant_masks")).bool()
+            batch["labels"] = batch["input_ids"].masked_fill(~mask, -100)
+        return dict(batch), images
+
+
+def load_processor(run, high_res_size=672):
+    from qilin_med_vl.processing.processing_qilin import QilinProcessor
+
+    processor = QilinProcessor.from_pretrained(Path(run) / "init")
+    processor.image_processor.high_res_size = high_res_size
+    # The character-level demo tokenizer turns the 170-character English default system prompt into 170 tokens,
+    # more than the answer and the image together: the demo model's own template defaults to no system prompt.
+    templates = processor.chat_template
+    key = "default" if isinstance(templates, dict) else None
+    template = templates[key] if key else templates
+    default_system = template.split("namespace(system='", 1)[1].split("')", 1)[0]
+    template = template.replace(f"namespace(system='{default_system}')", "namespace(system='')")
+    if key:
+        processor.chat_template = {**templates, key: template}
+    else:
+        processor.chat_template = template
+    return processor
+
+
+def task_batches(records, batch_size, rng, weights=None):
+    """Record indices of one task per batch (similar lengths: little padding), tasks drawn in proportion."""
+    by_task = {}
+    for index, record in enumerate(records):
+        by_task.setdefault(record["task"], []).append(index)
+    tasks = sorted(by_task)
+    sizes = np.array([len(by_task[t]) for t in tasks], float)
+    task = tasks[rng.choice(len(tasks), p=sizes / sizes.sum())]
+    pool = np.array(by_task[task])
+    p = None if weights is None else weights[pool] / weights[pool].sum()
+    return rng.choice(pool, batch_size, p=p)
+
+
+def train_base(args):
+    run = Path(args.run)
+    out = run / "base"
+    if (out / "model.safetensors").is_file():
+        return
+    import qilin_med_vl  # noqa: F401
+
+    train = Split(run / "data", "train", load_high=False)
+    model = init_model(run)
+    probe = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
+    probe.load_state_dict(torch.load(run / "vision_low.pt"))  # the warmed tower, in place
+    processor = load_processor(run)
+    batcher = Batcher(processor, train)
+    model.requires_grad_(False)
+    for module in (model.model.multi_modal_projector, model.model.language_model, model.lm_head):
+        module.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    ckpt = run / "base.ckpt"
+    modules = {"model": model}
+    step = load_checkpoint(ckpt, modules, optimizer)
+    rng = np.random.default_rng(3000 + step)
+    model.train()
+    model.model.vision_tower.eval()
+    start = time.time()
+    while step < args.steps:
+        batch, _ = batcher(task_batches(train.records, args.batch_size, rng))
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, 50)
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        if step % 25 == 0:
+            log(f"base step {step}/{args.steps} loss {loss.item():.4f} {(time.time() - start) / 25:.2f} s/step")
+            start = time.time()
+        if step % args.save_every == 0:
+            save_checkpoint(ckpt, step, modules, optimizer)
+    model.eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def hia_model(run, variant):
+    from peft import get_peft_model
+
+    import qilin_med_vl  # noqa: F401
+    from qilin_med_vl.modeling.configuration_hia import HiAConfig
+    from qilin_med_vl.modeling.modeling_hia import HiABlock
+    from qilin_med_vl.modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
+
+    model = QilinMedVLForConditionalGeneration.from_pretrained(Path(run) / "base")
+    model.requires_grad_(False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, HiAConfig(**HIA_KWARGS, **VARIANTS[variant]))
+    owner = next(m for m in model.modules() if isinstance(m, HiABlock) and m.encoder is not None)
+    probe = HighResProbe(owner.encoder, HIA_KWARGS["hidden_size"])
+    probe.load_state_dict(torch.load(Path(run) / "vision_high.pt"))  # the warmed encoder, in place
+    owner.encoder.requires_grad_(False)
+    return model, owner
+
+
+def train_hia(args):
+    run = Path(args.run)
+    for variant in args.variants:
+        out = run / variant
+        if (out / "adapter_model.safetensors").is_file():
+            continue
+        train = Split(run / "data", "train", load_high=False)
+        features = torch.load(run / "features_train.pt")[str(VARIANTS[variant]["high_res_size"])]
+        grid = int(features.shape[1] ** 0.5)
+        model, owner = hia_model(run, variant)
+        processor = load_processor(run, VARIANTS[variant]["high_res_size"])
+        train.records = train.records[: min(FEATURE_RECORDS, len(train.records))]  # those with cached features
+        batcher = Batcher(processor, train)
+        current = {}
+        owner.encode = lambda pixels: (current["features"], (grid, grid))  # the frozen encoder's cached output
+        params = [p for p in model.parameters() if p.requires_grad]
+        log(f"{variant}: {sum(p.numel() for p in params)} trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+        ckpt = run / f"{variant}.ckpt"
+        modules = {"model": model}
+        step = load_checkpoint(ckpt, modules, optimizer)
+        rng = np.random.default_rng(4000 + step)
+        # Flake and normal records twice as often: the findings only the high-resolution path can separate.
+        weights = np.array([2.0 if r["meta"]["label"] in ("flake", "normal") or r["meta"].get("kind") == "flake"
+                            else 1.0 for r in train.records])
+        model.train()
+        owner.encoder.eval()
+        start = time.time()
+        while step < args.steps:
+            batch, images = batcher(task_batches(train.records, args.batch_size, rng, weights))
+            current["features"] = features[images].float()
+            batch["high_res_pixel_values"] = torch.zeros(len(images), 3, 1, 1)
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, args.steps, args.lr, 30)
+            loss = model(**batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            if step % 25 == 0:
+                log(f"{variant} step {step}/{args.steps} loss {loss.item():.4f} {(time.time() - start) / 25:.2f} s/step")
+                start = time.time()
+            if step % args.save_every == 0:
+                save_checkpoint(ckpt, step, modules, optimizer)
+        del owner.encode
+        model.eval()
+        model.peft_config["default"].base_model_name_or_path = None
+        model.save_pretrained(out)
+        config_path = out / "adapter_config.json"
+        config = json.loads(config_path.read_text("utf-8"))
+        config["base_model_name_or_path"] = None  # no local path in a shipped adapter
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# --- pointing game -------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def pointing(args):
+    """Where HiA's extractor looks: on test images with one finding, the share of its attention mass (queries and
+    HiA layers averaged) on grid cells that overlap the finding's box, against the share of cells the box covers
+    (what uniform attention would give). The real encoder runs on the 672-px views; nothing is cached."""
+    run = Path(args.run)
+    test = Split(run / "data", "test")
+    processor = load_processor(run)
+    batcher = Batcher(processor, test)
+    from peft import PeftModel
+
+    import qilin_med_vl  # noqa: F401
+    from qilin_med_vl.modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
+
+    base = QilinMedVLForConditionalGeneration.from_pretrained(run / "base")
+    model = PeftModel.from_pretrained(base, run / "HiA").eval()
+    chosen = [r for r, record in enumerate(test.records)
+              if record["task"] != "comparative" and len(record["meta"]["findings"][0]) == 1]
+    rows = {}
+    for start in range(0, len(chosen), 8):
+        records = chosen[start : start + 8]
+        batch, images = batcher(records, generation=True)
+        batch["high_res_pixel_values"] = normalise(test.high[images])
+        out = model(**batch, output_hia_attentions=True)
+        gh, gw = out.hia_grid_size
+        attention = torch.stack(out.hia_attentions).mean(0).mean(1).view(len(images), gh, gw)  # (N, gh, gw)
+        for image, att in zip(images, attention):
+            cells = lesion_map(test.boxes[image], test.kinds[image], gh).amax(0)  # (gh, gw) 0/1
+            key = test.finding_key(image)
+            inside, share = float((att * cells).sum()), float(cells.mean())
+            hit = float(cells.flatten()[att.flatten().argmax()])
+            rows.setdefault(key, []).append((inside, share, hit))
+    table = {key: {"images": len(v), "attention_in_box": float(np.mean([x[0] for x in v])),
+                   "box_share_of_grid": float(np.mean([x[1] for x in v])),
+                   "argmax_in_box": float(np.mean([x[2] for x in v]))} for key, v in sorted(rows.items())}
+    (run / "pointing.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
+    print(json.dumps(table, indent=2))
+
+
+# --- shipped examples ----------------------------------------------------------------------------------------------
+
+GALLERY = (("normal.png", "normal"), ("postop.png", "postop"), ("osteophyte.png", "osteophyte"))
+
+
+def write_gallery(folder, seed=7):
+    """Single-image examples next to the shipped before/after pair (a small flake), drawn like it: their own seeds
+    of the generator's "examples" stream, low-noise exposures so each PNG stays under 0.5 MB. Writes the PNGs and
+    `gallery.jsonl` (one record per image and single-image task, with the generator's ground truth in `meta`)."""
+    from dataclasses import replace
+
+    from qilin_med_vl.synthetic import findings as clinical
+    from qilin_med_vl.synthetic.dataset import IMAGE_TOKEN, _finding_meta, _rng, _save_png, anatomy_hash
+    from qilin_med_vl.synthetic.render import render_radiograph, sample_anatomy, sample_view, to_uint8
+
+    records = []
+    for number, (name, disease) in enumerate(GALLERY, start=1):
+        rng = _rng(seed, "examples", number)
+        anatomy = sample_anatomy(rng)
+        view = replace(sample_view(rng), noise_sigma=0.015, offset=-0.05)
+        found = [] if disease == "normal" else [
+            clinical.sample_finding(rng, disease, number % 2, ("femur", "tibia")[number % 2], clinical.FlakeSizes())]
+        _save_png(os.path.join(folder, name), to_uint8(render_radiograph(anatomy, view, found)))
+        meta = {"patient_id": f"example-{number}", "anatomy_hash": anatomy_hash(anatomy), "image_size": REFERENCE,
+                "label": disease, "disease": disease, "disease_name": clinical.DISEASE_NAMES[disease],
+                "findings": [[_finding_meta(anatomy, view, f, REFERENCE) for f in found]]}
+        for task in ("description", "disease", "location"):
+            answer = {"description": clinical.description_answer, "disease": clinical.disease_answer,
+                      "location": clinical.location_answer}[task](rng, found)
+            records.append({"id": f"{name[:-4]}-{task}", "task": task, "images": [name],
+                            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n"
+                                               + clinical.QUESTION_TEMPLATES[task][0]},
+                                              {"from": "gpt", "value": answer}],
+                            "meta": meta})
+    with open(os.path.join(folder, "gallery.jsonl"), "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return records
+
+
+def examples(args):
+    from qilin_med_vl.demo import DEMO_EXAMPLES_DIR
+
+    for record in write_gallery(str(DEMO_EXAMPLES_DIR)):
+        print(record["id"], record["conversations"][-1]["value"])
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "features", "base", "hia", "pointing", "examples", "controls-auc"])
+    parser.add_argument("--run", default="runs/demo")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--crop", type=int, default=224, help="hr-encoder: training crop side at 672 px")
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    random.seed(0)
+    {"vision": train_low_vision, "hr-encoder": train_high_vision, "controls": controls, "features": cache_features,
+     "base": train_base, "hia": train_hia, "pointing": pointing, "examples": examples, "controls-auc": controls_auc}[args.stage](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The shipped demo model answers from the image: shipped examples with different ground truth do not all get the
+same answer, and a finding it reads reliably (a metal implant) is named."""
+
+import json
+
+import pytest
+
+from qilin_med_vl.demo import DEMO_EXAMPLES_DIR, demo_model_available, generate_report
+
+pytestmark = pytest.mark.skipif(not demo_model_available(), reason="the embedded demo model is not installed")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from qilin_med_vl.demo import DEMO_MODEL_DIR
+    from qilin_med_vl.loading import load_model_and_processor
+
+    return load_model_and_processor(str(DEMO_MODEL_DIR), "hia", "cpu")
+
+
+def gallery(task):
+    records = [json.loads(line) for line in (DEMO_EXAMPLES_DIR / "gallery.jsonl").read_text("utf-8").splitlines()]
+    return [record for record in records if record["task"] == task]
+
+
+def test_disease_answers_depend_on_the_image(demo):
+    model, processor = demo
+    records = gallery("disease")
+    assert len({record["meta"]["label"] for record in records}) == len(records) >= 2
+    question = records[0]["conversations"][0]["value"].split("\n")[-1]
+    answers = {
+        record["meta"]["label"]: generate_report(
+            model, processor, [str(DEMO_EXAMPLES_DIR / record["images"][0])], question, max_new_tokens=16)
+        for record in records
+    }
+    assert len(set(answers.values())) >= 2, answers  # an image-blind model gives one answer to every image
+
+
+def test_a_visible_finding_is_named(demo):
+    model, processor = demo
+    record = next(record for record in gallery("disease") if record["meta"]["label"] == "postop")
+    question = record["conversations"][0]["value"].split("\n")[-1]
+    answer = generate_report(model, processor, [str(DEMO_EXAMPLES_DIR / record["images"][0])], question,
+                             max_new_tokens=16)
+    assert record["meta"]["disease_name"] in answer
