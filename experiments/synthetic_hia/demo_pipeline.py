@@ -10,10 +10,13 @@ long loops also checkpoint every `--save-every` steps):
     hr-encoder  HiA's high-resolution encoder alone at 672 px on 224-px crops, the same dense + image-level loss,
                 batches of 1/3 flake images, 1/3 normal images (hard negatives), 1/3 others;
     controls    vision-only accuracy by finding and lesion size on validation and test, low vs high resolution;
-    features    the warmed encoder's grid features of every image at 672 px and at 112 px (the "w/o HR" input),
-                cached: the encoder stays frozen in the HiA stage;
+    controls-auc  the same without a threshold: AUC of each finding against normal images (validation);
+    features    the warmed encoder's grid features at 672 px and at 112 px (the "w/o HR" input) of the first
+                `FEATURE_RECORDS` training records, cached: the encoder stays frozen in the HiA stage;
     base        instruction tuning of projector + language model on all four tasks, the warmed tower frozen;
-    hia         the HiA blocks (encoder frozen and warmed), three variants: HiA, HiA_wo_IA, HiA_wo_HR.
+    hia         the HiA blocks (encoder frozen and warmed), three variants: HiA, HiA_wo_IA, HiA_wo_HR;
+    pointing    the pointing game: HiA's extractor attention inside the finding's box on the high-res grid;
+    examples    the shipped single-image examples (normal, post-operative, osteophyte) and `gallery.jsonl`.
 
 Data come from `data_cache.py` (uint8 arrays of the image processor's own views, so no image is decoded or
 resized during training). The package's `evaluate` command scores the result on the PNG test split end to end

@@ -24,12 +24,13 @@ evaluate() {  # name, adapter (or "")
 [ -n "${SKIP_DATA:-}" ] || [ -f "$RUN/data/cache/test.npz" ] || "$PY" "$HERE/data_cache.py" --output "$RUN/data" --seed 1 --train 2400 \
   --validation 200 --test 400 --workers 2 > "$RUN/logs/data.log" 2>&1
 # 2. vision warm-up: CLIP tower at 112 px and HiA's encoder at 672 px, in parallel
-stage vision --steps 1000 --batch-size 32 --lr 1e-3 > "$RUN/logs/vision.log" 2>&1 &
+stage vision --steps 2500 --batch-size 32 --lr 1e-3 > "$RUN/logs/vision.log" 2>&1 &
 stage hr-encoder --steps 400 --batch-size 16 --crop 160 --lr 1e-3 > "$RUN/logs/hr-encoder.log" 2>&1 &
 wait
 # 3. language model on the frozen warmed tower  ||  controls table, then cached encoder features
 stage base --steps 400 --batch-size 12 --lr 1e-3 > "$RUN/logs/base.log" 2>&1 &
-{ stage controls > "$RUN/logs/controls.log" 2>&1; stage features > "$RUN/logs/features.log" 2>&1; } &
+{ stage controls > "$RUN/logs/controls.log" 2>&1; stage controls-auc > "$RUN/logs/controls-auc.log" 2>&1
+  stage features > "$RUN/logs/features.log" 2>&1; } &
 wait
 # 4. HiA and its two ablations (same steps), each evaluated as soon as it is trained
 evaluate base "" &
