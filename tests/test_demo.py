@@ -6,7 +6,8 @@ import pytest
 from peft import get_peft_model
 
 from qilin_med_vl.cli import main as cli
-from qilin_med_vl.demo import DEMO_EXAMPLES_DIR, DEMO_MODEL_DIR, install_demo_model
+from experiments.synthetic_hia.demo_builder import install_demo_model
+from qilin_med_vl.demo import DEMO_EXAMPLES_DIR, DEMO_MODEL_DIR
 from qilin_med_vl.modeling.configuration_hia import HiAConfig
 from qilin_med_vl.testing import tiny_model, tiny_processor
 

@@ -190,7 +190,7 @@ def predict_kind(logits):
 
 
 def init_model(run):
-    from qilin_med_vl.demo import build_demo_base_model
+    from demo_builder import build_demo_base_model
 
     init = Path(run) / "init"
     if not (init / "model.safetensors").is_file():

@@ -3,7 +3,7 @@
     python experiments/synthetic_hia/reproduce.py --output runs/synthetic
 
 1. `qilin-med-vl synth-data`: train / validation / test splits of synthetic radiographs (seeded);
-2. an untrained small Qilin-Med-VL (`qilin_med_vl.demo.build_demo_base_model`);
+2. an untrained small Qilin-Med-VL (`demo_builder.build_demo_base_model`, beside this script);
 3. `qilin-med-vl train --stage align` (projector, description captions, `plain` template);
 4. `qilin-med-vl train --stage instruct` (projector + LLM + vision tower, at low resolution only);
 5. `qilin-med-vl train --stage hia` three times: the full adapter, "w/o IA" (`--no-instruction-aware`) and
@@ -83,7 +83,7 @@ def main():
             if json.loads(line)["task"] == "description":
                 target.write(line)
     characters = "".join(sorted({c for name in ("train.jsonl",) for c in (data / name).read_text(encoding="utf-8")}))
-    from qilin_med_vl.demo import build_demo_base_model
+    from demo_builder import build_demo_base_model
 
     if not (out / "init" / "model.safetensors").is_file():
         build_demo_base_model(out / "init", characters=characters, seed=args.seed)
@@ -128,7 +128,7 @@ def main():
     print(json.dumps(times, indent=2))
 
     if args.install_demo:
-        from qilin_med_vl.demo import DEMO_MODEL_DIR, install_demo_model
+        from demo_builder import DEMO_MODEL_DIR, install_demo_model
 
         install_demo_model(out / "base", out / "HiA", DEMO_MODEL_DIR)
 
