@@ -147,6 +147,29 @@ def load_checkpoint(path, modules, optimizer):
     return state["step"]
 
 
+def run_steps(name, args, step, optimizer, params, checkpoint, modules, compute_loss, warmup=50, log_every=25):
+    """The loop every training stage shares, from `step` (resumed from `checkpoint`) to `args.steps`:
+    `compute_loss()` builds the next batch and returns its loss; the learning rate follows `cosine_lr` with `warmup`
+    steps; gradients are clipped to norm 1; a log line every `log_every` steps and a resumable checkpoint of
+    `modules` every `args.save_every` steps."""
+    start = time.time()
+    while step < args.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, warmup)
+        loss = compute_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        if step % log_every == 0:
+            seconds = (time.time() - start) / log_every
+            log(f"{name} step {step}/{args.steps} loss {loss.item():.4f} {seconds:.2f} s/step")
+            start = time.time()
+        if step % args.save_every == 0:
+            save_checkpoint(checkpoint, step, modules, optimizer)
+
+
 # --- vision warm-up -------------------------------------------------------------------------------------------------
 
 
@@ -215,8 +238,9 @@ def train_low_vision(args):
     step = load_checkpoint(ckpt, {"probe": probe}, optimizer)
     rng = np.random.default_rng(1000 + step)
     probe.train()
-    start, n = time.time(), len(train.low)
-    while step < args.steps:
+    n = len(train.low)
+
+    def compute_loss():
         index = rng.integers(0, n, args.batch_size)
         flip = rng.uniform(size=args.batch_size) < 0.5
         images = train.low[index].clone()
@@ -226,19 +250,10 @@ def train_low_vision(args):
         grid = 112 // 14
         dense = torch.stack([lesion_map(train.boxes[i], train.kinds[i], grid, flip=f) for i, f in zip(index, flip)])
         kinds = torch.stack([image_kinds(train.kinds[i]) for i in index])
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, args.steps, args.lr, 50)
-        loss = probe_loss(probe(normalise(images, gain, offset)), dense, kinds)
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        if step % 50 == 0:
-            log(f"vision-low step {step}/{args.steps} loss {loss.item():.4f} {(time.time() - start) / 50:.2f} s/step")
-            start = time.time()
-        if step % args.save_every == 0:
-            save_checkpoint(ckpt, step, {"probe": probe}, optimizer)
+        return probe_loss(probe(normalise(images, gain, offset)), dense, kinds)
+
+    run_steps("vision-low", args, step, optimizer, list(probe.parameters()), ckpt, {"probe": probe}, compute_loss,
+              log_every=50)
     torch.save(probe.state_dict(), out)
 
 
@@ -268,8 +283,8 @@ def train_high_vision(args):
     size, crop = 672, args.crop
     scale = size / REFERENCE
     probe.train()
-    start = time.time()
-    while step < args.steps:
+
+    def compute_loss():
         pools = [pool if len(pool) else np.arange(len(train.kinds)) for pool in (flakes, normals, others)]
         index = np.array([rng.choice(pools[i % 3]) for i in range(args.batch_size)])
         crops, dense, kinds = [], [], []
@@ -292,19 +307,9 @@ def train_high_vision(args):
         crops[flip], dense[flip] = crops[flip].flip(-1), dense[flip].flip(-1)
         gain = torch.from_numpy(rng.uniform(0.9, 1.1, args.batch_size)).float()
         offset = torch.from_numpy(rng.uniform(-0.05, 0.05, args.batch_size)).float()
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, args.steps, args.lr, 50)
-        loss = probe_loss(probe(normalise(crops, gain, offset)), dense, torch.stack(kinds))
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        if step % 25 == 0:
-            log(f"vision-high step {step}/{args.steps} loss {loss.item():.4f} {(time.time() - start) / 25:.2f} s/step")
-            start = time.time()
-        if step % args.save_every == 0:
-            save_checkpoint(ckpt, step, {"probe": probe}, optimizer)
+        return probe_loss(probe(normalise(crops, gain, offset)), dense, torch.stack(kinds))
+
+    run_steps("vision-high", args, step, optimizer, list(probe.parameters()), ckpt, {"probe": probe}, compute_loss)
     torch.save(probe.state_dict(), out)
 
 
@@ -511,22 +516,12 @@ def train_base(args):
     rng = np.random.default_rng(3000 + step)
     model.train()
     model.model.vision_tower.eval()
-    start = time.time()
-    while step < args.steps:
+
+    def compute_loss():
         batch, _ = batcher(task_batches(train.records, args.batch_size, rng))
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, args.steps, args.lr, 50)
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        step += 1
-        if step % 25 == 0:
-            log(f"base step {step}/{args.steps} loss {loss.item():.4f} {(time.time() - start) / 25:.2f} s/step")
-            start = time.time()
-        if step % args.save_every == 0:
-            save_checkpoint(ckpt, step, modules, optimizer)
+        return model(**batch).loss
+
+    run_steps("base", args, step, optimizer, params, ckpt, modules, compute_loss)
     model.eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(out)
@@ -579,27 +574,16 @@ def train_hia(args):
                             else 1.0 for r in train.records])
         model.train()
         owner.encoder.eval()
-        start = time.time()
-        while step < args.steps:
+
+        def compute_loss():
             batch, images = batcher(task_batches(train.records, args.batch_size, rng, weights))
             current["features"] = features[images].float()
             batch["high_res_pixel_values"] = torch.zeros(len(images), 3, 1, 1)
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, args.steps, args.lr, 30)
-            loss = model(**batch).loss
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            step += 1
-            if step % 25 == 0:
-                log(f"{variant} step {step}/{args.steps} loss {loss.item():.4f} {(time.time() - start) / 25:.2f} s/step")
-                start = time.time()
-            if step % args.save_every == 0:
-                save_checkpoint(ckpt, step, modules, optimizer)
+            return model(**batch).loss
+
+        run_steps(variant, args, step, optimizer, params, ckpt, modules, compute_loss, warmup=30)
         del owner.encode
         model.eval()
-        model.peft_config["default"].base_model_name_or_path = None
         model.save_pretrained(out)
         config_path = out / "adapter_config.json"
         config = json.loads(config_path.read_text("utf-8"))
