@@ -13,6 +13,7 @@ Needs about 27 GiB of GPU memory for bf16 (H100 80 GB or larger recommended).
 
 import copy
 import datetime
+import functools
 import gc
 import statistics
 import time
@@ -213,45 +214,47 @@ def run_gpu_suite(precisions=("bf16", "int8", "nf4"), batch_sizes=(1, 8), num_im
             kv = kv_cache_bytes(config.text_config, context)
             bound = bandwidth / (weights + kv)
             variants = {}
+
+            def measure(label, timed_runs):
+                """Median decode step of `timed_runs()` (a list of timed runs) against the bound, or its error."""
+                try:
+                    step = statistics.median(statistics.median(run["steps"]) for run in timed_runs())
+                    variants[label] = {"decode_step_ms": step * 1e3, "tokens_per_s": 1 / step,
+                                       "fraction_of_bound": (1 / step) / bound}
+                except Exception as error:
+                    variants[label] = {"error": repr(error)}
+                log(f"[gpu] bf16 batch 1 {label}: {variants[label]}")
+
+            def manual_runs(base, cache, compile_it):
+                compiled = None
+                if compile_it:
+                    mode = "reduce-overhead" if device.type == "cuda" else "default"
+                    compiled = torch.compile(base.forward, mode=mode, fullgraph=False)
+                    manual_decode(base, inputs, 8, "static", compiled, synchronize)  # compile + warm-up
+                manual_decode(base, inputs, 4, cache, compiled, synchronize)
+                return [manual_decode(base, inputs, new_tokens, cache, compiled, synchronize) for _ in range(repeats)]
+
+            def generate_runs(base):
+                # generate() itself: a static cache makes transformers compile the decode step on CUDA.
+                extra = {"cache_implementation": "static"}
+                if device.type != "cuda":
+                    from transformers import CompileConfig
+
+                    extra["compile_config"] = CompileConfig()
+                    extra["compile_config"]._compile_all_devices = True
+                time_generate(base, inputs, 8, synchronize, **extra)  # compile + warm-up
+                return [time_generate(base, inputs, new_tokens, synchronize, **extra) for _ in range(repeats)]
+
             with getattr(model, "disable_adapter", nullcontext)():
                 for label, cache, compile_it in (("dynamic cache, eager", "dynamic", False),
                                                  ("static cache, eager", "static", False),
                                                  ("static cache, torch.compile", "static", True)):
                     if compile_it and not compile_decode:
                         continue
-                    try:
-                        compiled = None
-                        if compile_it:
-                            mode = "reduce-overhead" if device.type == "cuda" else "default"
-                            compiled = torch.compile(base.forward, mode=mode, fullgraph=False)
-                            manual_decode(base, inputs, 8, "static", compiled, synchronize)  # compile + warm-up
-                        manual_decode(base, inputs, 4, cache, compiled, synchronize)
-                        runs = [manual_decode(base, inputs, new_tokens, cache, compiled, synchronize)
-                                for _ in range(repeats)]
-                        step = statistics.median(statistics.median(run["steps"]) for run in runs)
-                        variants[label] = {"decode_step_ms": step * 1e3, "tokens_per_s": 1 / step,
-                                           "fraction_of_bound": (1 / step) / bound}
-                    except Exception as error:
-                        variants[label] = {"error": repr(error)}
-                    log(f"[gpu] bf16 batch 1 {label}: {variants[label]}")
+                    measure(label, functools.partial(manual_runs, base, cache, compile_it))
                 if compile_decode:
-                    # generate() itself: a static cache makes transformers compile the decode step on CUDA.
                     label = "generate, static cache (transformers auto-compile)"
-                    try:
-                        extra = {"cache_implementation": "static"}
-                        if device.type != "cuda":
-                            from transformers import CompileConfig
-
-                            extra["compile_config"] = CompileConfig()
-                            extra["compile_config"]._compile_all_devices = True
-                        time_generate(base, inputs, 8, synchronize, **extra)  # compile + warm-up
-                        runs = [time_generate(base, inputs, new_tokens, synchronize, **extra) for _ in range(repeats)]
-                        step = statistics.median(statistics.median(run["steps"]) for run in runs)
-                        variants[label] = {"decode_step_ms": step * 1e3, "tokens_per_s": 1 / step,
-                                           "fraction_of_bound": (1 / step) / bound}
-                    except Exception as error:
-                        variants[label] = {"error": repr(error)}
-                    log(f"[gpu] bf16 batch 1 {label}: {variants[label]}")
+                    measure(label, functools.partial(generate_runs, base))
             record["bandwidth_bound"] = {
                 "weight_bytes_per_token": weights,
                 "kv_bytes_per_token_at_mid_generation": kv,
