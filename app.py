@@ -13,7 +13,7 @@ import sys
 # Analytics off unless the environment says otherwise; set before anything imports gradio.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from qilin_med_vl.app.server import main  # noqa: E402  (after the environment variable above)
+from qilin_med_vl.cli import main  # noqa: E402  (after the environment variable above)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["app", *sys.argv[1:]]))

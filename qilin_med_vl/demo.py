@@ -7,7 +7,6 @@ It is a demonstration of the software on synthetic data, not a medical model.
 """
 
 import json
-import sys
 from pathlib import Path
 
 from .inference import generate_answers, user_message
@@ -46,49 +45,8 @@ def shipped_ground_truth(images, question) -> str | None:
     return chosen[0]["conversations"][-1]["value"] if chosen else None
 
 
-def run_demo(args) -> int:
-    from .loading import load_model_and_processor
-
-    model_path = args.model or str(DEMO_MODEL_DIR)
-    if not args.model and not demo_model_available():
-        print("The embedded demo model is not in this installation; pass --model.", file=sys.stderr)
-        return 1
-    adapter = None if args.no_adapter else (args.adapter or default_adapter(model_path))
-    images = args.image or [str(DEMO_EXAMPLES_DIR / "before.png"), str(DEMO_EXAMPLES_DIR / "after.png")]
-    from .loading import check_images
-
-    problem = check_images(images)  # before the model load, which takes a while
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    model, processor = load_model_and_processor(model_path, adapter, args.device)
-    print(NOT_FOR_CLINICAL_USE, file=sys.stderr)
-    print(f"images: {', '.join(map(str, images))}\nquestion: {args.question}\nHiA: {'on' if adapter else 'off'}\n",
-          file=sys.stderr)
-    report = generate_report(model, processor, images, args.question, args.max_new_tokens, stream=True)
-    truth = shipped_ground_truth(images, args.question)
-    if truth:
-        print(f"\nsynthetic ground truth (generator): {truth}", file=sys.stderr)
-    if args.output:
-        Path(args.output).write_text(
-            f"# 对比报告 / Comparative report\n\n{NOT_FOR_CLINICAL_USE}\n\n- images: {', '.join(map(str, images))}\n"
-            f"- question: {args.question}\n\n{report}\n"
-            + (f"\n合成数据真值 / synthetic ground truth: {truth}\n" if truth else ""),
-            encoding="utf-8",
-        )
-        print(f"\nreport written to {args.output}", file=sys.stderr)
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="write a Chinese comparative report for a before/after pair "
-                                                "(the embedded demo model and example pair by default)")
-    parser.add_argument("--model", help="a model folder or repo id (default: the embedded demo model)")
-    parser.add_argument("--adapter", help='adapter to load (default: "hia" when the model folder has one)')
-    parser.add_argument("--no-adapter", action="store_true", help="run the base model without HiA")
-    parser.add_argument("--image", action="append", help="image files (default: the shipped before/after pair)")
-    parser.add_argument("--question", default=COMPARATIVE_QUESTION)
-    parser.add_argument("--output", help="also write the report to this markdown file")
-    parser.add_argument("--device")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.set_defaults(handler=run_demo)
+def report_markdown(report: str, images, question: str, truth: str | None = None) -> str:
+    """The report as a markdown file: notice, images, question, answer and (shipped examples) the ground truth."""
+    return (f"# 对比报告 / Comparative report\n\n{NOT_FOR_CLINICAL_USE}\n\n- images: {', '.join(map(str, images))}\n"
+            f"- question: {question}\n\n{report}\n"
+            + (f"\n合成数据真值 / synthetic ground truth: {truth}\n" if truth else ""))

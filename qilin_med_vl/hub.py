@@ -2,8 +2,8 @@
 """Publishing to the Hugging Face Hub: assemble a repo folder, check it, upload it.
 
 A repo holds the HF-native model (weights, config, remote code, processor, generation config), optionally the
-HiA adapter in `hia/` (so `model.load_adapter("hia")` works), and a model card (`README.md`) from `model_cards/`
-with its YAML metadata checked.
+HiA adapter in `hia/` (so `model.load_adapter("hia")` works), and a model card (`README.md`) from the package's
+`model_cards/` with its YAML metadata checked.
 
     >>> from qilin_med_vl.hub import push_to_hub
     >>> push_to_hub("Qilin-Med-VL-hf", "my-org/Qilin-Med-VL-HiA", adapter="hia-run/checkpoint-final",
@@ -63,8 +63,8 @@ NEVER_UPLOADED_PATTERNS = ("checkpoint-*", "global_step*", "optimizer.pt", "sche
 
 
 def model_cards_folder() -> Path:
-    """`model_cards/` of a source checkout (the cards are documentation, not package data)."""
-    return Path(__file__).resolve().parent.parent / "model_cards"
+    """The model cards shipped with the package (`qilin_med_vl/model_cards/`), so `push` works from a wheel."""
+    return Path(__file__).resolve().parent / "model_cards"
 
 
 def model_card_path(card: str | os.PathLike) -> Path:
@@ -411,50 +411,6 @@ def push_to_hub(
         result.commit_url = getattr(commit, "commit_url", None) or str(commit)
         return result
 
-
-def _run(args) -> int:
-    result = push_to_hub(
-        args.model,
-        args.repo_id,
-        adapter=args.adapter,
-        card=args.card,
-        base_model=args.base_model,
-        private=args.private,
-        revision=args.revision,
-        dry_run=args.dry_run,
-        token=args.token,
-        commit_message=args.commit_message,
-        assembled=args.assembled,
-        include=args.include or (),
-        announce=lambda pending: print(pending.summary(uploading=True), flush=True),
-    )
-    print(result.summary() if result.dry_run else f"uploaded; commit: {result.commit_url}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Adds `push` to the `qilin-med-vl` command line."""
-    parser = subparsers.add_parser(
-        "push",
-        help="assemble a Hub repo (model, remote code, processor, hia/ adapter, model card) and upload it",
-    )
-    parser.add_argument("model", help="saved Qilin-Med-VL folder (e.g. the output of `convert`)")
-    parser.add_argument("repo_id", help="target repo, e.g. my-org/Qilin-Med-VL-HiA")
-    parser.add_argument("--adapter", help="saved HiA adapter folder, published as hia/ (default: MODEL/hia, if any)")
-    parser.add_argument("--card", help=f"model card: {', '.join(CARD_REPO_IDS)} or a markdown file "
-                                       "(default: qilin-med-vl-hia with an adapter, else qilin-med-vl)")
-    parser.add_argument("--base-model", help="override the card's base_model metadata")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--revision", help="branch to push to (created if needed)")
-    parser.add_argument("--dry-run", action="store_true", help="assemble and list what would be sent; upload nothing")
-    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
-    parser.add_argument("--commit-message", help="commit message")
-    parser.add_argument("--assembled", help="keep the assembled repo folder here (a new folder; not with --dry-run)")
-    parser.add_argument("--include", action="append", metavar="PATTERN",
-                        help="also upload files of the model folder matching this glob (e.g. 'checkpoint-*/*'); "
-                             "by default only weights, configs, tokenizer/processor files, remote code and "
-                             "adapters go")
-    parser.set_defaults(handler=_run)
 
 
 __all__ = [

@@ -101,7 +101,7 @@ class Server:
         env.pop("GRADIO_TEMP_DIR", None)
         self.log = open(log_path, "w", encoding="utf-8")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "qilin_med_vl.app.server", "--model", str(model_folder), "--host", "127.0.0.1",
+            [sys.executable, "-m", "qilin_med_vl.cli", "app", "--model", str(model_folder), "--host", "127.0.0.1",
              "--port", str(self.port), "--max-new-tokens", str(MAX_NEW_TOKENS)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
 

@@ -37,7 +37,6 @@ from qilin_med_vl.app.server import (
     ModelManager,
     ModelSpec,
     adapters_disabled,
-    add_cli,
     answer_stream,
     on_preset,
     on_upload,
@@ -483,14 +482,14 @@ def test_model_spec_finds_the_hia_folder(model_folder):
 
 
 def test_cli_options():
-    import argparse
+    from qilin_med_vl.cli import app as app_command
+    from qilin_med_vl.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["app", "--model", "m", "--adapter", "hia", "--host", "0.0.0.0", "--port", "8000",
                               "--load-in-4bit"])
     assert (args.model, args.adapter, args.host, args.port, args.load_in_4bit) == ("m", "hia", "0.0.0.0", 8000, True)
-    assert args.handler.__name__ == "serve"
+    assert args.handler is app_command.run
     with pytest.raises(SystemExit):
         parser.parse_args(["app", "--load-in-4bit", "--load-in-8bit"])
 

@@ -1,10 +1,10 @@
 """ChiMed-VL readers: the released formats into training records, streamed, with a report of what is unusable."""
 
-import argparse
 import json
 
 import pytest
 
+from qilin_med_vl.cli import build_parser
 from qilin_med_vl.data import (
     ConversionReport,
     RejectReason,
@@ -14,7 +14,6 @@ from qilin_med_vl.data import (
     normalize_record,
     records_from_hf_dataset,
 )
-from qilin_med_vl.data.chimed_vl import add_cli
 from qilin_med_vl.testing import random_image, tiny_processor
 from qilin_med_vl.training import ConversationDataset, DataValidationError, validate_records
 
@@ -133,8 +132,7 @@ def test_caption_pairs_and_missing_ids_become_records():
 
 
 def test_convert_command_writes_output_and_report(release, capsys):
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["convert-chimed-vl", str(release / "ChiMed-VL-Alignment.jsonl"),
                               "--image-root", str(release / "images"), "--output", str(release / "a.jsonl"),
                               "--report", str(release / "a.json"), "--limit", "2"])
@@ -176,8 +174,7 @@ def test_convert_command_reads_a_local_datasets_folder(offline_datasets_cache, t
     folder = tmp_path / "hf" / "data"
     folder.mkdir(parents=True)
     _image_dataset(offline_datasets_cache).to_parquet(str(folder / "train-00000-of-00001.parquet"))
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["convert-chimed-vl", "--hf-dataset", str(tmp_path / "hf"), "--image-root",
                               str(tmp_path / "images"), "--output", str(tmp_path / "hf.jsonl")])
     assert args.handler(args) == 0

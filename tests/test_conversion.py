@@ -531,12 +531,9 @@ def test_export_refuses_linear_projector(tmp_path, processor):
 
 
 def test_cli_convert_and_export(release, clip_folder, tmp_path, capsys):
-    import argparse
+    from qilin_med_vl.cli import build_parser
 
-    from qilin_med_vl.conversion import add_cli
-
-    parser = argparse.ArgumentParser(prog="qilin-med-vl")
-    add_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     folder, _ = release
     args = parser.parse_args(["convert", "original", str(folder), str(tmp_path / "hf"), "--clip", str(clip_folder),
                               "--no-progress", "--report", str(tmp_path / "report.json")])

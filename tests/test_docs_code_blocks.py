@@ -23,7 +23,8 @@ from test_hub import build_model_with_adapter
 from qilin_med_vl.testing import random_image
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = sorted(ROOT.glob("model_cards/*.md")) + [path for path in [ROOT / "README.md"] if path.is_file()]
+DOCUMENTS = sorted(ROOT.glob("qilin_med_vl/model_cards/*.md")) + [path for path in [ROOT / "README.md"]
+                                                                 if path.is_file()]
 DOC_REPO_ID = re.compile(r"qilin-med-vl/Qilin-Med-VL(?:-HiA|-Demo)?(?![\w.-])")
 IMAGE_PATH = re.compile(r"""["']([\w./-]+\.(png|jpe?g|dcm))["']""", re.IGNORECASE)
 NO_TEST = re.compile(r"^<!--\s*no-test:\s*(?P<reason>.*?)\s*-->$")
@@ -102,7 +103,7 @@ def tiny_repo(tmp_path_factory):
 
 
 def test_documents_have_runnable_examples():
-    cards = list(ROOT.glob("model_cards/*.md"))
+    cards = list(ROOT.glob("qilin_med_vl/model_cards/*.md"))
     assert len(cards) >= 3
     for card in cards:
         assert any(not block.skip_reason for block in BLOCKS[card]), card

@@ -231,13 +231,10 @@ def test_push_creates_private_repo_branch_and_uploads(model_folder, monkeypatch)
 
 
 def test_cli_push_keeps_the_assembled_folder(model_folder, tmp_path, capsys, monkeypatch):
-    import argparse
-
-    from qilin_med_vl.hub import add_cli
+    from qilin_med_vl.cli import build_parser
 
     folder, _ = model_folder
-    parser = argparse.ArgumentParser(prog="qilin-med-vl")
-    add_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     RecordingApi.calls = []
     monkeypatch.setattr("huggingface_hub.HfApi", RecordingApi)
     args = parser.parse_args(["push", str(folder), "me/tiny", "--card", "qilin-med-vl-demo",
@@ -249,3 +246,22 @@ def test_cli_push_keeps_the_assembled_folder(model_folder, tmp_path, capsys, mon
     card = ModelCard.load(tmp_path / "assembled" / "README.md")
     assert card.data.base_model == "me/base" and "me/tiny" in card.text
     assert json.loads((tmp_path / "assembled" / "hia" / "adapter_config.json").read_text())["peft_type"] == "HIA"
+
+
+def test_push_works_from_an_installed_wheel(model_folder, tmp_path):
+    """The model cards are package data: `push --dry-run` from the built wheel, away from the source checkout."""
+    import zipfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", root, "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("qilin_med_vl-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert {f"qilin_med_vl/model_cards/{name}.md" for name in CARD_REPO_IDS} <= set(archive.namelist())
+        archive.extractall(tmp_path / "installed")
+    folder, _ = model_folder
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path / "installed"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "qilin_med_vl.cli", "push", str(folder), "me/tiny", "--dry-run"],
+                            cwd=tmp_path, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "README.md" in result.stdout and "would upload" in result.stdout

@@ -102,12 +102,10 @@ def test_visitors_cannot_switch_the_model_by_default(saved, tmp_path):
 
 
 def test_switching_is_an_explicit_server_option(saved):
-    import argparse
+    from qilin_med_vl.app.server import ModelManager, ModelSpec, on_load_model
+    from qilin_med_vl.cli import build_parser
 
-    from qilin_med_vl.app.server import ModelManager, ModelSpec, add_cli, on_load_model
-
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     assert parser.parse_args(["app"]).allow_model_switching is False
     assert parser.parse_args(["app", "--allow-model-switching"]).allow_model_switching is True
     manager = ModelManager(ModelSpec.create(str(saved)), allow_model_switching=True)

@@ -1,4 +1,3 @@
-import argparse
 import json
 import os
 from collections import Counter
@@ -8,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qilin_med_vl.cli import build_parser
 from qilin_med_vl.synthetic import (
     CHANGES,
     DISEASES,
     TASKS,
     SynthConfig,
-    add_cli,
     generate_dataset,
     generate_record,
     lesion_visibility_report,
@@ -200,8 +199,7 @@ def test_description_and_location_answers_name_side_and_segment():
 
 
 def test_cli_subcommand_writes_a_dataset(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(
         [
             "synth-data",

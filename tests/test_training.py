@@ -14,6 +14,7 @@ from qilin_med_vl.cli import main as cli
 from qilin_med_vl.modeling.modeling_hia import find_instruction_end_index, hia_is_active
 from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
 from qilin_med_vl.training import ConversationCollator, ConversationDataset, DataValidationError, validate_records
+from qilin_med_vl.training.data import record_to_messages, split_per_answer
 
 RECORDS = [
     {"id": "d1", "image": "a.png", "task": "description",
@@ -65,6 +66,55 @@ def test_collator_labels_exactly_the_answers_and_the_hia_instruction_end(workspa
         assert batch["input_ids"][row, instruction_end[row]] == generation_prompt["input_ids"][0][-1]
         prompt_tail = processor.tokenizer.decode(batch["input_ids"][row, : instruction_end[row] + 1])
         assert prompt_tail.endswith("ASSISTANT:")
+
+
+def test_multi_turn_hia_samples_end_with_the_question_generation_sees(workspace):
+    """HiA reads one instruction per forward pass. At inference it is the latest question (the prompt's last token);
+    in training each answer of a multi-turn record becomes its own sample whose h_last is the end of its own
+    question, at the same position and with the same prefix as the inference prompt for that turn."""
+    processor = tiny_processor()
+    (multi_turn,) = [record for record in RECORDS if record["id"] == "m1"]
+    pieces = split_per_answer(multi_turn)
+    assert [len(piece["conversations"]) for piece in pieces] == [2, 4] and pieces[1]["images"] == ["b.png"]
+    batch = ConversationCollator(processor, str(workspace), supervise="last")(pieces)
+    instruction_end = find_instruction_end_index(batch["labels"], batch["attention_mask"], batch["labels"].shape,
+                                                 "cpu")
+    for row, piece in enumerate(pieces):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        assert processor.tokenizer.decode(labelled).replace(" ", "") == piece["conversations"][-1]["value"] + "</s>"
+        # The prompt generation would see for this turn: history + the question, then the generation prompt.
+        messages = record_to_messages({**piece, "conversations": piece["conversations"][:-1]})
+        prompt = processor.apply_chat_template(
+            [messages], add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="pt", processor_kwargs={"images": [[str(workspace / image) for image in piece["images"]]]})
+        prompt_ids = prompt["input_ids"][0]
+        assert instruction_end[row] == len(prompt_ids) - 1
+        assert torch.equal(batch["input_ids"][row, : len(prompt_ids)], prompt_ids)
+    # Without the split, the record's single h_last is the end of the first question: the mismatch this fixes.
+    whole = ConversationCollator(processor, str(workspace))([multi_turn])
+    whole_end = find_instruction_end_index(whole["labels"], whole["attention_mask"], whole["labels"].shape, "cpu")
+    assert whole_end[0] < instruction_end[1]
+    # The dataset splits records for the HiA stage only, and every answer is still learned exactly once.
+    plain = ConversationDataset(str(workspace / "train.jsonl"), processor, str(workspace))
+    split = ConversationDataset(str(workspace / "train.jsonl"), processor, str(workspace), one_sample_per_answer=True)
+    assert len(split) == len(plain) + 2  # m1 (two answers) appears twice in train.jsonl
+
+
+def test_lengths_are_checked_with_the_template_the_collator_uses(workspace):
+    """The align stage renders `plain` (image + caption, no system prompt); its length check must use the same
+    template, or records that fit are dropped (or ones that do not fit are kept)."""
+    processor = tiny_processor()
+    record = RECORDS[0]
+    plain_length = processor.count_tokens(processor.apply_chat_template(record_to_messages(record),
+                                                                        chat_template="plain"))
+    default_length = processor.count_tokens(processor.apply_chat_template(record_to_messages(record)))
+    assert plain_length < default_length
+    limit = (plain_length + default_length) // 2
+    report = validate_records([record], processor, str(workspace), max_length=limit, chat_template="plain")
+    assert report.too_long == {}
+    assert len(validate_records([record], processor, str(workspace), max_length=limit).too_long) == 1
+    batch = ConversationCollator(processor, str(workspace), chat_template="plain")([record])
+    assert batch["input_ids"].shape[1] == plain_length
 
 
 def test_plain_template_supervises_the_caption_only(workspace):
@@ -211,20 +261,48 @@ def test_evaluate_writes_predictions_and_per_task_scores(workspace, tmp_path):
 
 
 def test_training_arguments_come_from_a_yaml_file_and_flags_win(tmp_path):
-    from qilin_med_vl.training.train import parse_args
+    from qilin_med_vl.cli.train import parse_args
 
     config = tmp_path / "args.yaml"
     config.write_text("per_device_train_batch_size: 3\nlearning_rate: 5.0e-4\nlogging_steps: 7\n")
-    args, training_args = parse_args(["--stage", "hia", "--model", "m", "--data", "d.jsonl", "--config", str(config),
-                                      "--learning-rate", "1e-4", "--output-dir", str(tmp_path)])
+    args, hia_config, training_args = parse_args(["--stage", "hia", "--model", "m", "--data", "d.jsonl", "--config",
+                                                  str(config), "--learning-rate", "1e-4", "--output-dir",
+                                                  str(tmp_path)])
     assert training_args.per_device_train_batch_size == 3 and training_args.logging_steps == 7
     assert training_args.learning_rate == 1e-4  # the flag wins over the file
     assert training_args.lr_scheduler_type == "cosine" and training_args.warmup_steps == 0.03  # the paper's
-    assert training_args.num_train_epochs == 1 and args.num_queries == 256 and args.high_res_size == 672
+    assert training_args.num_train_epochs == 1 and hia_config.num_queries == 256 and hia_config.high_res_size == 672
+    assert args.stage == "hia" and args.data == ["d.jsonl"]
+
+
+def test_train_flags_are_one_hf_argument_parser_over_stage_hia_and_training_arguments(tmp_path, capsys):
+    from qilin_med_vl.cli.train import parse_args
+
+    common = ["--model", "m", "--data", "a.jsonl", "b.jsonl", "--output-dir", str(tmp_path)]
+    args, hia_config, training_args = parse_args(
+        ["--stage", "hia", *common, "--layers", "0", "2", "--num-queries", "8", "--no-instruction-aware",
+         "--encoder-depths", "1", "1", "1", "1", "--max-steps", "3"])
+    assert (hia_config.layers, hia_config.num_queries, hia_config.instruction_aware) == ([0, 2], 8, False)
+    assert hia_config.encoder_depths == [1, 1, 1, 1] and training_args.max_steps == 3 and args.data == ["a.jsonl",
+                                                                                                           "b.jsonl"]
+    # The earlier spellings of two flags still work.
+    _, hia_config, _ = parse_args(["--stage", "hia", *common, "--hia-layers", "1", "--adapter-width", "64"])
+    assert (hia_config.layers, hia_config.hidden_size) == ([1], 64)
+    # PEFT's own bookkeeping is not a flag, and a HiA option on another stage is a mistake, not ignored.
+    with pytest.raises(SystemExit, match="set by PEFT itself"):
+        parse_args(["--stage", "hia", *common, "--inference-mode", "true"])
+    with pytest.raises(SystemExit, match="needs --stage hia"):
+        cli(["train", "--stage", "instruct", *common, "--num-queries", "8"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["train", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--num_queries" in help_text and "--per_device_train_batch_size" in help_text
+    assert "--inference_mode" not in help_text
 
 
 def test_shipped_distributed_configs_parse(tmp_path, caplog):
-    from qilin_med_vl.training.train import parse_args
+    from qilin_med_vl.cli.train import parse_args
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     for name in ("deepspeed_zero2.json", "deepspeed_zero3.json"):
@@ -233,7 +311,7 @@ def test_shipped_distributed_configs_parse(tmp_path, caplog):
     # The FSDP file goes through the command's own parsing into TrainingArguments, in the current (non-deprecated)
     # form: FSDP2, full sharding of both towers' decoder layers.
     with caplog.at_level("WARNING"):
-        _, training_args = parse_args(["--stage", "instruct", "--model", "m", "--data", "d.jsonl", "--config",
+        _, _, training_args = parse_args(["--stage", "instruct", "--model", "m", "--data", "d.jsonl", "--config",
                                        os.path.join(root, "fsdp.yaml"), "--output-dir", str(tmp_path),
                                        "--use-cpu", "true"])  # bf16 on a CPU-only machine needs use_cpu
     assert training_args.fsdp_config["version"] == 2 and training_args.fsdp_config["reshard_after_forward"] is True

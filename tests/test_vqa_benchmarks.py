@@ -1,18 +1,16 @@
 """Medical VQA benchmarks: loaders on files in each public format, the documented prompt and answer rules against
 hand-computed scores, and the runner end to end on a tiny model (its answers are gibberish: shape and format only)."""
 
-import argparse
 import csv
 import json
 
 import pytest
 
-from qilin_med_vl.evaluation import run as evaluate_run
+from qilin_med_vl.cli import main as cli
 from qilin_med_vl.evaluation.scoring import format_markdown_table
 from qilin_med_vl.evaluation.vqa import (
     BenchmarkDataError,
     VQASample,
-    add_benchmark_arguments,
     answer_polarity,
     build_prompt,
     combine_results,
@@ -20,7 +18,6 @@ from qilin_med_vl.evaluation.vqa import (
     format_results_table,
     load_benchmark,
     normalize_answer,
-    run_benchmark,
     score_closed,
     score_open,
     score_sample,
@@ -307,24 +304,6 @@ def test_one_table_holds_bleu_and_vqa_results():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _subcommand(parser, name):
-    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-    return subparsers.choices[name]
-
-
-def _evaluate_parser():
-    """`qilin-med-vl evaluate` as run.py builds it, with the benchmark flags (until the CLI adds them itself)."""
-    parser = argparse.ArgumentParser()
-    evaluate_run.add_cli(parser.add_subparsers())
-    evaluate = _subcommand(parser, "evaluate")
-    if not any(action.dest == "benchmark" for action in evaluate._actions):
-        add_benchmark_arguments(evaluate)
-    for action in evaluate._actions:
-        if action.dest == "data":
-            action.required = False
-    return parser
-
-
 @pytest.mark.parametrize("benchmark, flags, tag, tasks, count", [
     ("pmc-vqa", [], "pmc-vqa", {"PMC-VQA"}, 3),
     ("vqa-rad", ["--limit", "2"], "vqa-rad", {"VQA-RAD closed", "VQA-RAD open"}, 2),
@@ -333,10 +312,9 @@ def _evaluate_parser():
 ])
 def test_evaluate_benchmark_writes_predictions_scores_and_table(data, tmp_path, benchmark, flags, tag, tasks, count,
                                                                 capsys):
-    args = _evaluate_parser().parse_args(
-        ["evaluate", "--model", str(data / "model"), "--benchmark", benchmark, "--data-dir", str(data / benchmark),
-         "--output-dir", str(tmp_path), "--max-new-tokens", "3", "--batch-size", "2", "--name", "tiny", *flags])
-    assert run_benchmark(args) == 0
+    assert cli(["evaluate", "--model", str(data / "model"), "--benchmark", benchmark, "--data-dir",
+                str(data / benchmark), "--output-dir", str(tmp_path), "--max-new-tokens", "3", "--batch-size", "2",
+                "--name", "tiny", *flags]) == 0
     rows = [json.loads(line) for line in (tmp_path / f"{tag}_predictions.jsonl").read_text("utf-8").splitlines()]
     assert len(rows) == count
     assert all(isinstance(row["prediction"], str) and 0 <= row["score"] <= 1 for row in rows)
@@ -352,17 +330,14 @@ def test_evaluate_benchmark_writes_predictions_scores_and_table(data, tmp_path, 
 
 
 def test_benchmark_without_data_dir_or_with_missing_files_fails_cleanly(data, tmp_path, capsys):
-    parser = _evaluate_parser()
-    args = parser.parse_args(["evaluate", "--model", str(data / "model"), "--benchmark", "slake"])
-    assert run_benchmark(args) == 2 and "--data-dir" in capsys.readouterr().err
-    args = parser.parse_args(["evaluate", "--model", str(data / "model"), "--benchmark", "slake",
-                              "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")])
-    assert run_benchmark(args) == 1 and "no SLAKE test JSON" in capsys.readouterr().err
+    assert cli(["evaluate", "--model", str(data / "model"), "--benchmark", "slake"]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert cli(["evaluate", "--model", str(data / "model"), "--benchmark", "slake", "--data-dir", str(tmp_path),
+                "--output-dir", str(tmp_path / "out")]) == 1
+    assert "no SLAKE test JSON" in capsys.readouterr().err
 
 
 def test_cli_evaluate_benchmark(data, tmp_path):
-    from qilin_med_vl.cli import main as cli
-
     assert cli(["evaluate", "--model", str(data / "model"), "--benchmark", "slake", "--data-dir",
                 str(data / "slake"), "--output-dir", str(tmp_path), "--max-new-tokens", "2"]) == 0
     assert (tmp_path / "slake_scores.json").exists()

@@ -97,7 +97,7 @@ def main():
                                        data / "train.jsonl", "--output-dir", out / "base", "--max-steps",
                                        args.instruct_steps, "--learning-rate", "5e-4", "--train-vision"] + common,
                                 logs / "instruct.log")
-    hia_common = ["--num-queries", 32, "--num-heads", 4, "--adapter-width", 128, "--encoder-depths", 1, 1, 1, 1,
+    hia_common = ["--num-queries", 32, "--num-heads", 4, "--hidden-size", 128, "--encoder-depths", 1, 1, 1, 1,
                   "--encoder-width", 16, "--learning-rate", "1e-3", "--high-res-size", 448]
     results = {}
     for name, flags in [("base", None), *VARIANTS.items()]:

@@ -9,7 +9,6 @@ The inference part (`ModelManager`, `LoadedModel`, `read_images`) does not need 
 (`pip install 'qilin-med-vl[app]'`).
 """
 
-import argparse
 import logging
 import os
 import re
@@ -590,14 +589,14 @@ def launch_kwargs(host: str = "127.0.0.1", port: int | None = None) -> dict:
                 mcp_server=False, pwa=False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
+def serve(model: str | None = None, adapter: str | None = "auto", quantization: str | None = None,
+          device: str | None = None, dtype: str | None = None, host: str = "127.0.0.1", port: int | None = None,
+          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, allow_model_switching: bool = False) -> int:
+    """Load the model, then serve the page until interrupted (Ctrl-C or SIGTERM); returns the exit status.
 
-
-def serve(args) -> int:
-    """`qilin-med-vl app`: load the model, then serve the page until interrupted (Ctrl-C or SIGTERM). Uploads live
-    in a temporary directory that is removed on exit."""
+    `model` None is the embedded demo model; `adapter` "auto" loads `hia/` when the model folder has one, None
+    serves the base model; `quantization` "4bit", "8bit" or None. Uploads live in a temporary directory that is
+    removed on exit."""
     import importlib.util
 
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -607,10 +606,8 @@ def serve(args) -> int:
         return 1
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
-    adapter = None if args.no_adapter else (args.adapter or "auto")
-    spec = ModelSpec.create(args.model, adapter, quantization, args.device, args.dtype)
-    manager = ModelManager(spec, allow_model_switching=args.allow_model_switching)
+    spec = ModelSpec.create(model, adapter, quantization, device, dtype)
+    manager = ModelManager(spec, allow_model_switching=allow_model_switching)
     try:
         manager.get()
     except AppInputError as error:
@@ -633,8 +630,8 @@ def serve(args) -> int:
         print(f"uploads: {upload_dir} (removed on exit)", file=sys.stderr, flush=True)
         demo = None
         try:
-            demo = build_app(manager, max_new_tokens=args.max_new_tokens)
-            demo.launch(**launch_kwargs(args.host, args.port))
+            demo = build_app(manager, max_new_tokens=max_new_tokens)
+            demo.launch(**launch_kwargs(host, port))
         except KeyboardInterrupt:
             pass
         finally:
@@ -644,40 +641,3 @@ def serve(args) -> int:
                 signal.signal(signal.SIGTERM, previous)
     print("server stopped; uploads removed", file=sys.stderr, flush=True)
     return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", help="local folder or Hub repo id (default: the embedded demo model)")
-    parser.add_argument("--adapter", help='adapter: "hia" (the model\'s hia/ subfolder) or a folder / repo id '
-                        "(default: hia when the model folder has one)")
-    parser.add_argument("--no-adapter", action="store_true", help="serve the base model without HiA")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 to serve the network)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    parser.add_argument("--device", help='device or device_map ("cpu", "cuda:0", "auto")')
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    quantization = parser.add_mutually_exclusive_group()
-    quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (needs a GPU)")
-    quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (needs a GPU)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--allow-model-switching", action="store_true",
-                        help="let page visitors load another model (any folder the server can read, any Hub repo); "
-                             "off by default: only --model is served")
-    parser.set_defaults(handler=serve)
-    return parser
-
-
-def add_cli(subparsers) -> None:
-    """Add `qilin-med-vl app` to the command line."""
-    add_arguments(subparsers.add_parser(
-        "app", help="the web demo: upload images, stream answers, HiA heatmaps (needs qilin-med-vl[app])"))
-
-
-def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="qilin-med-vl app", description=__doc__.split("\n\n")[0]))
-    args = parser.parse_args(argv)
-    return args.handler(args)
-
-
-if __name__ == "__main__":  # python -m qilin_med_vl.app.server
-    sys.exit(main())

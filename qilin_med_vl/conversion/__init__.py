@@ -9,21 +9,9 @@ from .llava import llava_config_from_qilin, qilin_config_from_llava
 from .llava_hf import convert_llava_hf, export_llava_hf
 from .original import ConversionError, ConversionReport, convert_original, qilin_config_from_original
 
-
-def add_cli(subparsers) -> None:
-    """Adds `convert {original,llava-hf,export-llava}` to the `qilin-med-vl` command line."""
-    from . import llava_hf, original
-
-    parser = subparsers.add_parser("convert", help="convert checkpoints to or from the HF-native Qilin-Med-VL layout")
-    modes = parser.add_subparsers(dest="convert_mode", required=True, metavar="{original,llava-hf,export-llava}")
-    original.add_cli(modes)
-    llava_hf.add_cli(modes)
-
-
 __all__ = [
     "ConversionError",
     "ConversionReport",
-    "add_cli",
     "convert_llava_hf",
     "convert_original",
     "export_llava_hf",

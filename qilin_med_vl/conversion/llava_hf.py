@@ -27,7 +27,6 @@ from .original import (
     ShardWriter,
     _ignored_files,
     _read_json,
-    add_common_arguments,
     build_generation_config,
     build_processor,
     check_complete,
@@ -35,7 +34,6 @@ from .original import (
     dtype_from_name,
     expected_state_dict_shapes,
     find_weight_files,
-    finish,
     iter_tensors,
     load_llama_tokenizer,
     map_key,
@@ -282,46 +280,6 @@ def write_transformers4_compatible_files(folder) -> None:
     rewrite("tokenizer_config.json", tokenizer)
     rewrite("processor_config.json", processor)
 
-
-def _run_import(args) -> int:
-    report = convert_llava_hf(
-        args.source,
-        args.output,
-        dtype=args.dtype,
-        force=args.force,
-        max_shard_size=args.max_shard_size,
-        progress=args.progress,
-    )
-    return finish(report, args)
-
-
-def _run_export(args) -> int:
-    report = export_llava_hf(
-        args.source, args.output, force=args.force, max_shard_size=args.max_shard_size, progress=args.progress
-    )
-    return finish(report, args)
-
-
-def add_cli(modes) -> None:
-    """Adds `llava-hf` (import) and `export-llava` to the `convert` sub-modes."""
-    parser = modes.add_parser(
-        "llava-hf",
-        help="a transformers llava-hf checkpoint (LLaVA-1.5 and medical variants) -> Qilin-Med-VL, to train HiA on",
-    )
-    parser.add_argument("source", help="llava-hf folder or Hub repo id, e.g. llava-hf/llava-1.5-7b-hf")
-    parser.add_argument("output", help="folder to create")
-    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
-    add_common_arguments(parser)
-    parser.set_defaults(handler=_run_import)
-
-    parser = modes.add_parser(
-        "export-llava",
-        help="a Qilin-Med-VL folder (base model) -> transformers' LlavaForConditionalGeneration, for vLLM / SGLang",
-    )
-    parser.add_argument("source", help="Qilin-Med-VL folder or Hub repo id")
-    parser.add_argument("output", help="folder to create")
-    add_common_arguments(parser)
-    parser.set_defaults(handler=_run_export)
 
 
 __all__ = ["convert_llava_hf", "export_llava_hf", "write_transformers4_compatible_files"]

@@ -1024,54 +1024,6 @@ def _clip_key_for(target: str, clip_weights: LazyCheckpoint) -> str | None:
     return next((key for key in (f"vision_model.{suffix}", suffix) if key in clip_weights), None)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------
-
-
-def add_common_arguments(parser) -> None:
-    parser.add_argument("--force", action="store_true", help="replace the output folder if it exists")
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="output shard limit (default 5GB)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    parser.add_argument("--report", help="also write the conversion report (every source tensor) to this JSON file")
-
-
-def finish(report: ConversionReport, args) -> int:
-    print(report.summary())
-    if getattr(args, "report", None):
-        report.save(args.report)
-    return 0
-
-
-def _run(args) -> int:
-    report = convert_original(
-        args.source,
-        args.output,
-        clip=args.clip,
-        base_model=args.base_model,
-        dtype=args.dtype,
-        force=args.force,
-        max_shard_size=args.max_shard_size,
-        progress=args.progress,
-    )
-    return finish(report, args)
-
-
-def add_cli(modes) -> None:
-    """Adds `original` to the `convert` sub-modes."""
-    parser = modes.add_parser(
-        "original",
-        help="the original Qilin-Med-VL release (LLaVA-fork .bin shards / mm_projector.bin) -> HF-native folder",
-        description=convert_original.__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("source", help="folder or Hub repo id of the original release")
-    parser.add_argument("output", help="folder to create")
-    parser.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP checkpoint, folder or repo id ({DEFAULT_CLIP})")
-    parser.add_argument("--base-model", help="LLaMA checkpoint for a projector-only release (mm_projector.bin only)")
-    parser.add_argument("--dtype", default="auto", help="auto (the release's: bf16), bfloat16, float16 or float32")
-    add_common_arguments(parser)
-    parser.set_defaults(handler=_run)
-
 
 __all__ = [
     "ConversionError",

@@ -35,13 +35,11 @@ Tolerated variations (each counted in the report):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import logging
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -443,47 +441,3 @@ def records_from_hf_dataset(dataset_or_path, image_dir: str | os.PathLike | None
         if task or row.get("task"):
             raw["task"] = row.get("task") or task
         yield (source, raw) if with_source else raw
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def convert_command(args) -> int:
-    if bool(args.inputs) == bool(args.hf_dataset):
-        print("error: give ChiMed-VL files or --hf-dataset (one of the two)", file=sys.stderr)
-        return 2
-    records = None
-    if args.hf_dataset:
-        records = records_from_hf_dataset(args.hf_dataset, args.image_root, args.split,
-                                          image_column=args.image_column, task=args.task, with_source=True)
-    report = convert_chimed_vl(args.inputs or [args.hf_dataset], args.output, args.image_root, args.check_images,
-                               args.task, args.report, args.limit, records=records)
-    print(report.summary())
-    print(f"wrote {report.kept} records to {args.output} (report: {args.report or args.output + '.report.json'})")
-    print(f"train with: qilin-med-vl train --data {args.output} --image-root {args.image_root} ...")
-    return 0 if report.kept else 1
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Add the `convert-chimed-vl` subcommand to an `argparse` subparsers object."""
-    parser = subparsers.add_parser(
-        "convert-chimed-vl",
-        help="ChiMed-VL files (or a local datasets folder) -> a clean training JSONL + a report of unusable records",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("inputs", nargs="*", help="ChiMed-VL-Alignment.jsonl, ChiMed-VL-Instruction.json, ...")
-    parser.add_argument("--image-root", default=".",
-                        help="folder of the images (with --hf-dataset: where the dataset's images are written)")
-    parser.add_argument("--output", required=True, help="the training JSONL to write")
-    parser.add_argument("--report", help="JSON report of unusable records (default: <output>.report.json)")
-    parser.add_argument("--check-images", choices=["exists", "decode", "none"], default="exists",
-                        help="keep records whose images exist (default), also decode (slow), or do not look")
-    parser.add_argument("--task", help="task name written into records that have none")
-    parser.add_argument("--limit", type=int, help="stop after this many usable records")
-    parser.add_argument("--hf-dataset", help="a local Hugging Face dataset folder instead of ChiMed-VL files")
-    parser.add_argument("--split", default="train", help="split of --hf-dataset")
-    parser.add_argument("--image-column", default="image", help="image column of --hf-dataset")
-    parser.set_defaults(handler=convert_command)
-    return parser

@@ -103,7 +103,6 @@ __all__ = [
     "ChoiceExtraction",
     "LoadedBenchmark",
     "VQASample",
-    "add_benchmark_arguments",
     "answer_polarity",
     "answer_tokens",
     "build_prompt",
@@ -116,7 +115,6 @@ __all__ = [
     "load_slake",
     "load_vqa_rad",
     "normalize_answer",
-    "run_benchmark",
     "score_closed",
     "score_open",
     "score_sample",
@@ -720,49 +718,3 @@ def evaluate_benchmark(model, processor, benchmark: str, data_dir: str, output_d
     with open(os.path.join(output_dir, f"{tag}_scores.md"), "w", encoding="utf-8") as handle:
         handle.write(format_results_table({name or "model": scores}))
     return scores
-
-
-def add_benchmark_arguments(parser) -> None:
-    """The `--benchmark` flags of `qilin-med-vl evaluate` (the model, output and generation flags are the
-    command's own)."""
-    group = parser.add_argument_group("medical VQA benchmarks (instead of --data)")
-    group.add_argument("--benchmark", choices=sorted(BENCHMARKS),
-                       help="score PMC-VQA (multiple choice), VQA-RAD or SLAKE (closed accuracy, open recall)")
-    group.add_argument("--data-dir", help="the benchmark's folder (its CSV/JSON files and images) or data file")
-    group.add_argument("--split", default="test", help="split or file name: test (default), test_clean, train, ...")
-    group.add_argument("--language", choices=["en", "zh", "all"],
-                       help="SLAKE questions: en (default, as LLaVA-Med reports), zh, or all")
-    group.add_argument("--limit", type=int, help="evaluate only the first N usable questions")
-    group.add_argument("--instruction",
-                       help=f"PMC-VQA: the prompt's last line (default {PMC_VQA_INSTRUCTION!r}, \"\" for none); "
-                            "VQA-RAD/SLAKE: a line appended after the question (default none)")
-
-
-def run_benchmark(args) -> int:
-    """The `evaluate --benchmark` handler: uses `args.model`, `args.adapter`, `args.device`, `args.output_dir`,
-    `args.batch_size`, `args.max_new_tokens`, `args.name`, `args.image_root` (when not ".": the images folder) and
-    the flags of `add_benchmark_arguments`."""
-    if not args.data_dir:
-        print("error: --benchmark needs --data-dir", file=sys.stderr)
-        return 2
-    if not os.path.exists(args.data_dir):
-        print(f"error: --data-dir {args.data_dir!r} does not exist", file=sys.stderr)
-        return 2
-    from ..loading import load_model_and_processor
-
-    model, processor = load_model_and_processor(
-        args.model, args.adapter, args.device, getattr(args, "dtype", None), getattr(args, "load_in_4bit", False),
-        getattr(args, "load_in_8bit", False), allow_missing_weights=getattr(args, "allow_missing_weights", False))
-    image_root = getattr(args, "image_root", None)
-    try:
-        scores = evaluate_benchmark(
-            model, processor, args.benchmark, args.data_dir, args.output_dir, args.split, args.language,
-            args.batch_size, args.max_new_tokens, args.limit, args.instruction,
-            image_dir=image_root if image_root not in (None, ".") else None, name=args.name)
-    except (BenchmarkDataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(format_results_table({args.name or "model": scores}), end="")
-    tag = benchmark_tag(args.benchmark, args.split, args.language)
-    print(f"wrote {os.path.join(args.output_dir, tag)}_{{predictions.jsonl,scores.json,scores.md}}")
-    return 0

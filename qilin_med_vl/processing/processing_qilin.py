@@ -236,6 +236,11 @@ class QilinProcessor(ProcessorMixin):
             start += count
         return split
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` (a rendered prompt, placeholders included) becomes after image expansion; needs no
+        images, so a dataset can be length-checked before any image is processed."""
+        return len(self._tokenize_with_image_tokens(text)[0])
+
     def _tokenize_with_image_tokens(self, text: str, add_special_tokens: bool = True):
         """Token ids of one prompt with each placeholder expanded to `image_seq_length` image tokens, and each
         token's `(start, end)` character span in `text`."""

@@ -5,12 +5,12 @@
   `lesion_visibility_report`, which measures how much of a small lesion survives downscaling to 336 / 672 px.
 - `findings`: disease and change labels, finding sampling, question and answer templates.
 - `dataset`: balanced, seed-deterministic train/validation/test splits in the training JSONL format
-  (`generate_dataset`, the `synth-data` command via `add_cli`).
+  (`generate_dataset`, what the `synth-data` command runs).
 
 Only numpy and PIL are needed; nothing here imports torch.
 """
 
-from .dataset import GENERATOR_VERSION, SPLITS, SynthConfig, add_cli, generate_dataset, generate_record, plan_split
+from .dataset import GENERATOR_VERSION, SPLITS, SynthConfig, generate_dataset, generate_record, plan_split
 from .findings import CHANGES, DISEASES, TASKS
 from .render import (
     Anatomy,
@@ -35,7 +35,6 @@ __all__ = [
     "Finding",
     "SynthConfig",
     "View",
-    "add_cli",
     "format_visibility_report",
     "generate_dataset",
     "generate_record",

@@ -17,12 +17,10 @@ balanced within each split, and so are the labels within each task (diseases for
 type x finding kind for the comparative one), together with the side and the bone segment.
 """
 
-import argparse
 import hashlib
 import json
 import multiprocessing
 import os
-import sys
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -48,7 +46,6 @@ __all__ = [
     "SPLITS",
     "RecordPlan",
     "SynthConfig",
-    "add_cli",
     "generate_dataset",
     "generate_record",
     "plan_split",
@@ -346,64 +343,3 @@ def write_shipped_examples(folder: str, seed: int = 7, image_size: int = REFEREN
     with open(os.path.join(folder, "examples.jsonl"), "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     return records
-
-
-# --- command line -----------------------------------------------------------------------------------------------
-
-
-def synth_data(args) -> int:
-    if args.visibility_report:
-        from .render import format_visibility_report, lesion_visibility_report
-
-        print(format_visibility_report(lesion_visibility_report()), flush=True)
-        if args.output is None:
-            return 0
-    if args.output is None:
-        print("synth-data: --output is required (unless only --visibility-report is asked for)", file=sys.stderr)
-        return 2
-    config = SynthConfig(
-        seed=args.seed,
-        counts={"train": args.train, "validation": args.validation, "test": args.test},
-        image_size=args.image_size,
-        large_flake_fraction=args.large_flake_fraction,
-    )
-    step = max(1, (args.train + args.validation + args.test) // 20)
-
-    def progress(split, done, count):
-        if done % step == 0 or done == count:
-            print(f"{split}: {done}/{count}", flush=True)
-
-    manifest = generate_dataset(args.output, config, workers=args.workers, progress=progress)
-    for split, summary in manifest["splits"].items():
-        print(f"{split}: {summary['records']} records, {summary['images']} images, tasks {summary['tasks']}")
-    print(f"wrote {os.path.join(args.output, 'manifest.json')}")
-    return 0
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Add the `synth-data` subcommand to an `argparse` subparsers object."""
-    parser = subparsers.add_parser(
-        "synth-data",
-        help="generate the synthetic knee radiograph benchmark (train/validation/test JSONL + PNG)",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("--output", help="output folder (the --image-root of training)")
-    parser.add_argument("--seed", type=int, default=0, help="everything derives from it")
-    parser.add_argument("--train", type=int, default=1000, help="training records")
-    parser.add_argument("--validation", type=int, default=200, help="validation records")
-    parser.add_argument("--test", type=int, default=200, help="test records")
-    parser.add_argument("--image-size", type=int, default=REFERENCE_SIZE, help="square image side in pixels")
-    parser.add_argument(
-        "--large-flake-fraction",
-        type=float,
-        default=0.25,
-        help="share of low-density flakes drawn large (16-32 px at 1024), visible at low resolution",
-    )
-    parser.add_argument("--workers", type=int, default=1, help="rendering processes (output does not depend on it)")
-    parser.add_argument(
-        "--visibility-report",
-        action="store_true",
-        help="print how much contrast small flakes keep at 336 / 672 / 1024 px (about 10 s)",
-    )
-    parser.set_defaults(handler=synth_data)
-    return parser

@@ -49,9 +49,10 @@ class ValidationReport:
 
 
 def validate_records(records, processor, image_root: str = ".", max_length: int | None = None,
-                     check_images: bool = True) -> ValidationReport:
+                     check_images: bool = True, chat_template: str | None = None) -> ValidationReport:
     """Check every record before a long run: speakers and empty turns, placeholder/image counts, that each image
-    exists and decodes (PNG/JPEG/DICOM), and the token length after image expansion. Never raises; see `errors`."""
+    exists and decodes (PNG/JPEG/DICOM), and the token length after image expansion, rendered with `chat_template`
+    (the one the collator will use; None: the processor's default). Never raises; see `errors`."""
     report = ValidationReport()
     limit = max_length or processor.tokenizer.model_max_length
     for index, record in enumerate(records):
@@ -85,8 +86,8 @@ def validate_records(records, processor, image_root: str = ".", max_length: int 
                     problems.append(str(error))
         if not problems:
             try:
-                text = processor.apply_chat_template(record_to_messages(record))
-                length = len(processor._tokenize_with_image_tokens(text)[0])
+                text = processor.apply_chat_template(record_to_messages(record), chat_template=chat_template)
+                length = processor.count_tokens(text)
             except Exception as error:  # a template error names no record; this message does
                 problems.append(f"cannot be rendered with the chat template ({type(error).__name__}: {error})")
                 length = None
@@ -103,19 +104,39 @@ def validate_records(records, processor, image_root: str = ".", max_length: int 
     return report
 
 
+def split_per_answer(record: dict) -> list[dict]:
+    """One record per assistant turn: the conversation up to and including that answer, with the images its turns
+    reference. Paired with `ConversationCollator(supervise="last")`, each answer is learned with the question it
+    answers as the last instruction, which is what HiA reads at inference (h_last: the end of the latest question)."""
+    conversations = record["conversations"]
+    answer_ends = [i for i, turn in enumerate(conversations) if ROLE_NAMES.get(turn.get("from")) == "assistant"]
+    if len(answer_ends) <= 1:
+        return [record]
+    images = record_images(record)
+    pieces = []
+    for end in answer_ends:
+        kept = conversations[: end + 1]
+        count = sum(str(turn.get("value", "")).count(IMAGE_TOKEN) for turn in kept)
+        piece = {key: value for key, value in record.items() if key not in ("image", "images", "conversations")}
+        pieces.append({**piece, "images": images[:count], "conversations": kept})
+    return pieces
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Records of one or more data files, validated; over-long records dropped (with a warning) or refused, and
-    with `require_images` records without images dropped."""
+    with `require_images` records without images dropped. `chat_template` is the template the collator renders
+    with (lengths are checked with it); `one_sample_per_answer` splits multi-turn records (`split_per_answer`)."""
 
     def __init__(self, paths, processor, image_root: str = ".", max_length: int | None = None,
-                 on_overflow: str = "drop", validate: bool = True, require_images: bool = False):
+                 on_overflow: str = "drop", validate: bool = True, require_images: bool = False,
+                 chat_template: str | None = None, one_sample_per_answer: bool = False):
         if on_overflow not in ("drop", "error"):
             raise ValueError("on_overflow must be 'drop' or 'error'")
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         records = [record for path in paths for record in read_records(path)]
         self.image_root = image_root
         if validate:
-            report = validate_records(records, processor, image_root, max_length)
+            report = validate_records(records, processor, image_root, max_length, chat_template=chat_template)
             if report.errors:
                 shown = "\n".join(report.errors[:20])
                 more = f"\n... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
@@ -136,6 +157,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                 logger.warning("dropping %d record(s) without images: this stage trains only on images",
                                len(records) - len(kept))
             records = kept
+        if one_sample_per_answer:
+            records = [piece for record in records for piece in split_per_answer(record)]
         self.records = records
 
     def __len__(self):
@@ -151,11 +174,16 @@ class ConversationCollator:
 
     The labels come from the chat template's generation tags (`return_assistant_tokens_mask`), so the first
     supervised token of each sample is exactly where HiA's instruction ends (its `h_last` is the token before).
-    Records that are too long raise: filter them beforehand (`ConversationDataset` does).
+    `supervise="last"` labels only the last answer of each sample (earlier answers are context), for records split
+    with `split_per_answer`. Records that are too long raise: filter them beforehand (`ConversationDataset` does).
     """
 
     def __init__(self, processor, image_root: str = ".", chat_template: str | None = None,
-                 max_length: int | None = None, padding_side: str = "right", return_high_res: bool = True):
+                 max_length: int | None = None, padding_side: str = "right", return_high_res: bool = True,
+                 supervise: str = "all"):
+        if supervise not in ("all", "last"):
+            raise ValueError(f"supervise must be 'all' or 'last', not {supervise!r}")
+        self.supervise = supervise
         self.processor = processor
         # Stages without HiA skip the high-resolution view: it would double the image preprocessing for nothing.
         self.return_high_res = return_high_res
@@ -182,5 +210,16 @@ class ConversationCollator:
             },
         )
         assistant_mask = torch.as_tensor(batch.pop("assistant_masks")).bool()
+        if self.supervise == "last":
+            assistant_mask = last_span(assistant_mask)
         labels = batch["input_ids"].masked_fill(~assistant_mask, -100)
         return {**batch, "labels": labels}
+
+
+def last_span(mask: torch.Tensor) -> torch.Tensor:
+    """`mask` `(batch_size, length)` with only each row's last run of True values kept."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last_true = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)
+    # The last run starts after the last False that precedes the row's last True.
+    gap = torch.where(~mask & (positions < last_true), positions, -1).amax(dim=1, keepdim=True)
+    return mask & (positions > gap) & (positions <= last_true)

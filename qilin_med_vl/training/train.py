@@ -8,12 +8,13 @@
 Every `TrainingArguments` flag can be given on the command line or in a `--config` YAML/JSON file.
 """
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from ..modeling.configuration_hia import HiAConfig
 from .data import ConversationCollator, ConversationDataset
@@ -41,60 +42,46 @@ COMMON_DEFAULTS = {
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--stage", choices=sorted(STAGE_DEFAULTS), required=True)
-    parser.add_argument("--model", required=True, help="folder or Hub id of the starting Qilin-Med-VL model")
-    parser.add_argument("--data", required=True, nargs="+", help="training JSON/JSONL file(s)")
-    parser.add_argument("--eval-data", nargs="+", help="validation JSON/JSONL file(s) for evaluation during training")
-    parser.add_argument("--image-root", default=".", help="folder the records' image paths are relative to")
-    parser.add_argument("--max-length", type=int, help="token limit after image expansion (default: the tokenizer's)")
-    parser.add_argument("--on-overflow", choices=["drop", "error"], default="drop",
-                        help="what to do with records over --max-length: drop them with a warning, or stop")
-    parser.add_argument("--validate-only", action="store_true", help="check the data, print a summary and stop")
-    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
-    parser.add_argument("--config", help="YAML or JSON file of TrainingArguments (flags given here win)")
-    parser.add_argument("--train-vision", action="store_true",
-                        help="instruct stage: also train the vision tower (frozen by default, as Qilin-Med-VL did; "
-                             "useful when it was not pretrained, as in the synthetic demo)")
-    parser.add_argument("--lora", action="store_true", help="instruct stage: train LoRA adapters instead")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--load-in-4bit", action="store_true", help="instruct stage: QLoRA on a 4-bit base")
-    # HiA knobs: defaults and help come from `HiAConfig` (the paper's), the one place they are written.
-    def hia_flag(flag, field_name, **kwargs):
-        field = HiAConfig.__dataclass_fields__[field_name]
-        default = field.default_factory() if callable(field.default_factory) else field.default
-        parser.add_argument(flag, dest=field_name, default=default, help=field.metadata.get("help"), **kwargs)
+@dataclass
+class StageArguments:
+    """What to train and on which data; the HiA knobs are `HiAConfig`'s, the optimisation ones `TrainingArguments`'."""
 
-    hia_flag("--hia-layers", "layers", type=int, nargs="+")
-    hia_flag("--num-queries", "num_queries", type=int)
-    hia_flag("--num-heads", "num_heads", type=int)
-    hia_flag("--adapter-width", "hidden_size", type=int)
-    hia_flag("--high-res-size", "high_res_size", type=int)
-    hia_flag("--encoder-depths", "encoder_depths", type=int, nargs="+")
-    hia_flag("--encoder-width", "encoder_width", type=int)
-    parser.add_argument("--no-instruction-aware", action="store_true", help="the 'w/o IA' ablation")
-    parser.add_argument("--resnet-weights", help="initialise the HiA encoder from a ResNet-50 state-dict file")
-    return parser
+    stage: Literal["align", "instruct", "hia"] = field(metadata={"help": "the stage to train"})
+    model: str = field(metadata={"help": "folder or Hub id of the starting Qilin-Med-VL model"})
+    data: list[str] = field(metadata={"help": "training JSON/JSONL file(s)"})
+    eval_data: list[str] | None = field(
+        default=None, metadata={"help": "validation JSON/JSONL file(s) for evaluation during training"})
+    image_root: str = field(default=".", metadata={"help": "folder the records' image paths are relative to"})
+    max_length: int | None = field(
+        default=None, metadata={"help": "token limit after image expansion (default: the tokenizer's)"})
+    on_overflow: Literal["drop", "error"] = field(
+        default="drop", metadata={"help": "records over --max-length: drop them with a warning, or stop"})
+    validate_only: bool = field(default=False, metadata={"help": "check the data, print a summary and stop"})
+    resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint in --output-dir"})
+    config: str | None = field(
+        default=None, metadata={"help": "YAML or JSON file of TrainingArguments (flags given here win)"})
+    train_vision: bool = field(default=False, metadata={
+        "help": "instruct stage: also train the vision tower (frozen by default, as Qilin-Med-VL did; useful when it "
+                "was not pretrained, as in the synthetic demo)"})
+    lora: bool = field(default=False, metadata={"help": "instruct stage: train LoRA adapters instead"})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank (alpha is twice the rank)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "instruct stage: QLoRA on a 4-bit base"})
+    resnet_weights: str | None = field(
+        default=None, metadata={"help": "hia stage: initialise the HiA encoder from a ResNet-50 state-dict file"})
 
 
-def parse_args(argv):
-    """Our flags, then every remaining flag as `TrainingArguments` (config file < stage defaults < command line)."""
-    args, remaining = build_parser().parse_known_args(argv)
-    values = {**COMMON_DEFAULTS, **STAGE_DEFAULTS[args.stage]}
-    if args.config:
-        with open(args.config, encoding="utf-8") as handle:
-            if args.config.endswith((".yaml", ".yml")):
+def training_defaults(stage: str, config_file: str | None = None) -> dict:
+    """TrainingArguments defaults for `stage`: the papers' settings, then the `--config` file's values."""
+    values = {**COMMON_DEFAULTS, **STAGE_DEFAULTS[stage]}
+    if config_file:
+        with open(config_file, encoding="utf-8") as handle:
+            if config_file.endswith((".yaml", ".yml")):
                 import yaml
 
                 values.update(yaml.safe_load(handle) or {})
             else:
                 values.update(json.load(handle))
-    hf_parser = HfArgumentParser(TrainingArguments)
-    for key, value in values.items():
-        hf_parser.set_defaults(**{key: value})
-    (training_args,) = hf_parser.parse_args_into_dataclasses(remaining)
-    return args, training_args
+    return values
 
 
 def _freeze_for_stage(model, stage: str, train_vision: bool = False) -> None:
@@ -106,7 +93,7 @@ def _freeze_for_stage(model, stage: str, train_vision: bool = False) -> None:
         model.model.vision_tower.requires_grad_(train_vision)
 
 
-def build_model(args, training_args):
+def build_model(args: StageArguments, training_args: TrainingArguments, hia_config: HiAConfig | None = None):
     """The model for the stage, with exactly the parameters that should train left trainable."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText
@@ -130,17 +117,7 @@ def build_model(args, training_args):
 
     if args.stage == "hia":
         model.requires_grad_(False)
-        config = HiAConfig(
-            layers=args.layers,
-            num_queries=args.num_queries,
-            num_heads=args.num_heads,
-            hidden_size=args.hidden_size,
-            high_res_size=args.high_res_size,
-            instruction_aware=not args.no_instruction_aware,
-            encoder_depths=args.encoder_depths,
-            encoder_width=args.encoder_width,
-        )
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, hia_config or HiAConfig())
         if args.resnet_weights:
             from qilin_med_vl.modeling.high_resolution_encoder_hia import load_resnet_state_dict
             from qilin_med_vl.modeling.modeling_hia import HiABlock
@@ -173,8 +150,9 @@ def _check_fsdp_is_active(trainer: Trainer) -> None:
         )
 
 
-def main(argv=None) -> int:
-    args, training_args = parse_args(argv)
+def train(args: StageArguments, hia_config: HiAConfig, training_args: TrainingArguments) -> int:
+    """Run one stage: validate the data, build the model for the stage, train with `Trainer`, save the result (the
+    adapter for HiA and LoRA, the whole model otherwise) and the processor in `training_args.output_dir`."""
     logging.basicConfig(level=logging.INFO if training_args.local_rank in (-1, 0) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_seed(training_args.seed)
@@ -184,23 +162,22 @@ def main(argv=None) -> int:
 
     processor = AutoProcessor.from_pretrained(args.model)
     if args.stage == "hia":
-        processor.image_processor.high_res_size = args.high_res_size
+        processor.image_processor.high_res_size = hia_config.high_res_size
     template = "plain" if args.stage == "align" else None
 
-    require_images = args.stage in ("align", "hia")
-    dataset = ConversationDataset(args.data, processor, args.image_root, args.max_length, args.on_overflow,
-                                  require_images=require_images)
-    eval_dataset = (
-        ConversationDataset(args.eval_data, processor, args.image_root, args.max_length, args.on_overflow,
-                            require_images=require_images)
-        if args.eval_data
-        else None
-    )
+    # HiA reads one instruction per forward pass: a multi-turn record is learned answer by answer, each with its own
+    # question last, as generation sees it (h_last: the end of the latest question).
+    per_answer = args.stage == "hia"
+    data_options = dict(image_root=args.image_root, max_length=args.max_length, on_overflow=args.on_overflow,
+                        require_images=args.stage in ("align", "hia"), chat_template=template,
+                        one_sample_per_answer=per_answer)
+    dataset = ConversationDataset(args.data, processor, **data_options)
+    eval_dataset = ConversationDataset(args.eval_data, processor, **data_options) if args.eval_data else None
     if args.validate_only:
         print(f"{len(dataset)} training records are valid")
         return 0
 
-    model = build_model(args, training_args)
+    model = build_model(args, training_args, hia_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("stage %s: %d of %d parameters train (%.2f%%)", args.stage, trainable, total, 100 * trainable / total)
@@ -211,7 +188,8 @@ def main(argv=None) -> int:
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         data_collator=ConversationCollator(processor, args.image_root, template, args.max_length,
-                                           return_high_res=args.stage == "hia"),
+                                           return_high_res=args.stage == "hia",
+                                           supervise="last" if per_answer else "all"),
     )
     _check_fsdp_is_active(trainer)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
