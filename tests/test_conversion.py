@@ -241,7 +241,7 @@ def test_converted_folder_layout_config_and_dtype(converted):
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "processor_config.json",
             "chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "configuration_qilin_med_vl.py",
             "modeling_qilin_med_vl.py", "modeling_hia.py", "processing_qilin.py", "image_processing_qilin.py",
-            "image_loading_qilin.py"} <= files
+            "image_loading_qilin.py", "dicom_qilin.py", "image_checks_qilin.py"} <= files
     shards = sorted(name for name in files if name.endswith(".safetensors"))
     assert len(shards) > 1 and all(name.startswith("model-") and "-of-" in name for name in shards)
     assert not any(name.startswith(".") or "partial" in name for name in os.listdir(output.parent))

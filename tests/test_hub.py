@@ -73,7 +73,8 @@ def test_assembled_folder_has_everything_a_hub_load_needs(assembled, model_folde
     assert {"README.md", "config.json", "model.safetensors", "generation_config.json", "processor_config.json",
             "chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "configuration_qilin_med_vl.py",
             "modeling_qilin_med_vl.py", "modeling_hia.py", "configuration_hia.py", "high_resolution_encoder_hia.py",
-            "processing_qilin.py", "image_processing_qilin.py", "image_loading_qilin.py",
+            "processing_qilin.py", "image_processing_qilin.py", "image_loading_qilin.py", "dicom_qilin.py",
+            "image_checks_qilin.py",
             "hia/adapter_config.json", "hia/adapter_model.safetensors"} <= files
     assert "hia/README.md" not in files  # PEFT's stub card stays out; the repo has one card
     assert check_repo_folder(assembled) == []

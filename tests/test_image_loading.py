@@ -659,32 +659,42 @@ def test_errors_are_value_errors():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+LOADER_FILES = ("image_loading_qilin.py", "dicom_qilin.py", "image_checks_qilin.py")
+
+
 def test_module_imports_are_remote_code_safe():
-    source = open(image_loading_qilin.__file__, encoding="utf-8").read()
-    tree = ast.parse(source)
-    top_level = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            top_level.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "relative imports break when the file is copied next to a checkpoint"
-            top_level.add(node.module.split(".")[0])
-    assert top_level <= {"logging", "os", "re", "sys", "collections", "typing", "numpy", "PIL"}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            assert node.level == 0
-            assert not node.module.startswith("qilin_med_vl")
-        if isinstance(node, ast.Import):
-            assert not any(alias.name.startswith("qilin_med_vl") for alias in node.names)
+    # The loader travels as remote code: three flat files importing the standard library, numpy, PIL and each other
+    # (single-dot imports, which transformers resolves inside its dynamic-module package), nothing from the package.
+    folder = os.path.dirname(image_loading_qilin.__file__)
+    for name in LOADER_FILES:
+        tree = ast.parse(open(os.path.join(folder, name), encoding="utf-8").read())
+        top_level = set()
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                top_level.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                top_level.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 1 and f"{node.module}.py" in LOADER_FILES, (name, node.module)
+        assert top_level <= {"logging", "os", "re", "sys", "collections", "typing", "numpy", "PIL"}, (name, top_level)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level in (0, 1) and not (node.module or "").startswith("qilin_med_vl")
+            if isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("qilin_med_vl") for alias in node.names)
 
 
 def test_module_loads_standalone_without_torch_or_pydicom(tmp_path):
-    # As remote code: the file alone, outside the package, must import without pulling in torch or pydicom.
-    standalone = tmp_path / "image_loading_qilin.py"
-    shutil.copy(image_loading_qilin.__file__, standalone)
+    # As remote code: the loader's files alone, in a package of their own as transformers lays dynamic modules out,
+    # must import without pulling in torch or pydicom.
+    package = tmp_path / "remote_code"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in LOADER_FILES:
+        shutil.copy(os.path.join(os.path.dirname(image_loading_qilin.__file__), name), package / name)
     script = (
         "import sys, numpy as np\n"
-        "import image_loading_qilin as m\n"
+        "import remote_code.image_loading_qilin as m\n"
         "assert 'torch' not in sys.modules and 'pydicom' not in sys.modules, sorted(sys.modules)\n"
         "assert not any(name.startswith('qilin_med_vl') for name in sys.modules)\n"
         "assert m.load_image(np.zeros((2, 3), dtype=np.uint16)).size == (3, 2)\n"

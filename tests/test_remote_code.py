@@ -41,7 +41,8 @@ def test_saved_folder_holds_remote_code_and_auto_map(saved_folder):
     files = set(os.listdir(saved_folder))
     assert {"model.safetensors", "config.json", "processor_config.json", "chat_template.jinja"} <= files
     assert {"configuration_qilin_med_vl.py", "modeling_qilin_med_vl.py", "modeling_hia.py", "processing_qilin.py",
-            "image_processing_qilin.py", "image_loading_qilin.py"} <= files
+            "image_processing_qilin.py", "image_loading_qilin.py", "dicom_qilin.py",
+            "image_checks_qilin.py"} <= files
     config = json.loads((saved_folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_qilin_med_vl.QilinMedVLConfig",

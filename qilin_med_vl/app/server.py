@@ -81,15 +81,14 @@ def read_image(path: str | os.PathLike, name: str | None = None) -> UploadedImag
     """Read one uploaded file. DICOM goes through `dicom_to_uint8`, the windowing the processor applies, so the
     thumbnail is exactly what the model sees; a multi-frame DICOM gives its first frame. Anything unreadable raises
     `AppInputError` naming the file (by its upload name, not the temporary path)."""
-    from ..processing.image_loading_qilin import ImageLoadingError, dicom_to_uint8, is_dicom_file, load_image
+    from ..processing.dicom_qilin import dicom_to_uint8, is_dicom_file, read_dicom_dataset
+    from ..processing.image_loading_qilin import ImageLoadingError, load_image
 
     path = os.fspath(path)
     name = name or os.path.basename(path)
     try:
         if is_dicom_file(path):
-            import pydicom
-
-            dataset = pydicom.dcmread(path, force=True)
+            dataset = read_dicom_dataset(path)
             frames = int(dataset.get("NumberOfFrames") or 1)
             pixels = dicom_to_uint8(dataset, frame=0 if frames > 1 else None)
             image = Image.fromarray(pixels).convert("RGB")
