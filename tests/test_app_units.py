@@ -21,6 +21,7 @@ from qilin_med_vl.app.heatmap import (
     overlay,
     padded_square_box,
 )
+from qilin_med_vl.app.model import LoadedModel, ModelManager, ModelSpec, adapters_disabled
 from qilin_med_vl.app.prompts import (
     FREE_TEXT,
     MAX_QUESTION_CHARS,
@@ -32,18 +33,8 @@ from qilin_med_vl.app.prompts import (
     image_label,
     preset_prompt,
 )
-from qilin_med_vl.app.server import (
-    LoadedModel,
-    ModelManager,
-    ModelSpec,
-    adapters_disabled,
-    answer_stream,
-    on_preset,
-    on_upload,
-    read_image,
-    read_images,
-    thumbnails,
-)
+from qilin_med_vl.app.server import answer_stream, on_preset, on_upload, thumbnails
+from qilin_med_vl.app.uploads import read_image, read_images
 from qilin_med_vl.demo import generate_report
 from qilin_med_vl.loading import load_model_and_processor
 from qilin_med_vl.modeling.configuration_hia import HiAConfig
@@ -462,9 +453,9 @@ def test_upload_and_preset_handlers(model_folder, tmp_path):
 
 
 def test_model_manager_messages(tmp_path, monkeypatch):
-    from qilin_med_vl.app import server
+    from qilin_med_vl.app import model
 
-    monkeypatch.setattr(server, "DEMO_MODEL_DIR", tmp_path / "demo_model")
+    monkeypatch.setattr(model, "DEMO_MODEL_DIR", tmp_path / "demo_model")
     spec = ModelSpec(model=str(tmp_path / "demo_model"))
     with pytest.raises(AppInputError, match="embedded demo model is not in this installation"):
         ModelManager(spec).get()

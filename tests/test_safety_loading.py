@@ -92,7 +92,8 @@ def test_a_missing_adapter_folder_is_named(saved, tmp_path):
 
 
 def test_visitors_cannot_switch_the_model_by_default(saved, tmp_path):
-    from qilin_med_vl.app.server import ModelManager, ModelSpec, on_load_model
+    from qilin_med_vl.app.model import ModelManager, ModelSpec
+    from qilin_med_vl.app.server import on_load_model
 
     manager = ModelManager(ModelSpec.create(str(saved)))
     status, _ = on_load_model(manager, "/etc", "", "none")
@@ -102,7 +103,8 @@ def test_visitors_cannot_switch_the_model_by_default(saved, tmp_path):
 
 
 def test_switching_is_an_explicit_server_option(saved):
-    from qilin_med_vl.app.server import ModelManager, ModelSpec, on_load_model
+    from qilin_med_vl.app.model import ModelManager, ModelSpec
+    from qilin_med_vl.app.server import on_load_model
     from qilin_med_vl.cli import build_parser
 
     parser = build_parser()

@@ -3,7 +3,9 @@
 
 - `prompts`: task presets (Chinese and English) and chat messages, images labelled 第一张, 第二张, ...
 - `heatmap`: HiA attentions -> one heatmap per image, mapped back from the padded square (numpy and PIL only).
-- `server`: model loading and streaming (no Gradio needed) and the Gradio page (`pip install 'qilin-med-vl[app]'`).
+- `uploads`: uploaded files -> the model's images and display copies (DICOM windowed as the processor does).
+- `model`: the shared model: loading, switching, streaming answers with HiA on or off (no Gradio needed).
+- `server`: the page's logic and the Gradio page (`pip install 'qilin-med-vl[app]'`), and `serve`.
 
 Importing this package does not import Gradio.
 """
