@@ -5,7 +5,8 @@ import os
 import sys
 
 from ..synthetic.dataset import SynthConfig, generate_dataset
-from ..synthetic.render import REFERENCE_SIZE, format_visibility_report, lesion_visibility_report
+from ..synthetic.render import REFERENCE_SIZE
+from ..synthetic.visibility import format_visibility_report, lesion_visibility_report
 
 
 def run(args) -> int:

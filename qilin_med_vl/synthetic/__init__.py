@@ -1,8 +1,8 @@
 # Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
 """Synthetic knee radiographs with small lesions, and Chinese instructions for the four HiA tasks.
 
-- `render`: procedural radiographs (`sample_anatomy`, `sample_view`, `Finding`, `render_radiograph`) and
-  `lesion_visibility_report`, which measures how much of a small lesion survives downscaling to 336 / 672 px.
+- `render`: procedural radiographs (`sample_anatomy`, `sample_view`, `Finding`, `render_radiograph`).
+- `visibility`: `lesion_visibility_report`, how much of a small lesion survives downscaling to 336 / 672 px.
 - `findings`: disease and change labels, finding sampling, question and answer templates.
 - `dataset`: balanced, seed-deterministic train/validation/test splits in the training JSONL format
   (`generate_dataset`, what the `synth-data` command runs).
@@ -16,14 +16,13 @@ from .render import (
     Anatomy,
     Finding,
     View,
-    format_visibility_report,
-    lesion_visibility_report,
     render_radiograph,
     sample_anatomy,
     sample_follow_up_view,
     sample_view,
     to_uint8,
 )
+from .visibility import format_visibility_report, lesion_visibility_report
 
 __all__ = [
     "CHANGES",

@@ -28,8 +28,6 @@ __all__ = [
     "Finding",
     "View",
     "finding_box",
-    "format_visibility_report",
-    "lesion_visibility_report",
     "render_radiograph",
     "sample_anatomy",
     "sample_follow_up_view",
@@ -206,7 +204,7 @@ def lateral_sign(leg: int) -> int:
     return -1 if leg == 0 else 1
 
 
-class _LegGeometry:
+class LegGeometry:
     """Bone outlines of one leg in patient coordinates (image pixels before the view shift), at scale `k`."""
 
     def __init__(self, anatomy: Anatomy, leg: int, k: float, medial_gap: float | None = None, eminence_gain=1.0):
@@ -308,7 +306,7 @@ class _Canvas:
         return slice(r0, r1), slice(c0, c1)
 
 
-def _draw_leg(canvas: _Canvas, anatomy: Anatomy, geometry: _LegGeometry):
+def _draw_leg(canvas: _Canvas, anatomy: Anatomy, geometry: LegGeometry):
     k, soft_edge = geometry.k, EDGE_SOFTNESS * geometry.k
     size = canvas.size
     half = size // 2
@@ -369,7 +367,7 @@ def _draw_leg(canvas: _Canvas, anatomy: Anatomy, geometry: _LegGeometry):
 # --- findings -------------------------------------------------------------------------------------------------
 
 
-def _flake_mask(finding: Finding, geometry: _LegGeometry, canvas: _Canvas):
+def _flake_mask(finding: Finding, geometry: LegGeometry, canvas: _Canvas):
     """
     Soft mask (0..1) of a moth-eaten low-density flake: a faint irregular star-like patch peppered with holes
     `FLAKE_HOLE_DIAMETER` reference pixels across. Holes that small are mostly averaged away by a 3x downscale
@@ -482,7 +480,7 @@ def _sclerosis(canvas, finding, geometry):
     canvas.bone[rows, cols] *= 1.0 + finding.strength * profile
 
 
-def _implant_rows(finding: Finding, geometry: _LegGeometry) -> tuple[float, float]:
+def _implant_rows(finding: Finding, geometry: LegGeometry) -> tuple[float, float]:
     """Top and bottom (patient coordinates) of a plate starting `depth` into the bone and `size` long."""
     direction = -1.0 if finding.bone == "femur" else 1.0
     start = float(geometry.surface_y(finding.bone, geometry.lateral * 0.9)) + direction * finding.depth * geometry.k
@@ -538,7 +536,7 @@ def render_radiograph(anatomy: Anatomy, view: View, findings=(), image_size: int
     for leg in (0, 1):
         narrowing = [f for f in findings if f.kind == "narrowing" and f.leg == leg]
         spurs = [f for f in findings if f.kind == "osteophyte" and f.leg == leg]
-        geometry = _LegGeometry(
+        geometry = LegGeometry(
             anatomy,
             leg,
             k,
@@ -597,7 +595,7 @@ def finding_box(anatomy: Anatomy, view: View, finding: Finding, image_size: int 
     Bounding box `[x0, y0, x1, y1]` of `finding` in image pixels of this view (integers, clipped to the image).
     """
     k = image_size / REFERENCE_SIZE
-    geometry = _LegGeometry(anatomy, finding.leg, k)
+    geometry = LegGeometry(anatomy, finding.leg, k)
     sx, sy = view.shift_x * k, view.shift_y * k
     if finding.kind == "flake":
         cx, cy = geometry.point(finding.bone, finding.depth, finding.across)
@@ -623,109 +621,3 @@ def finding_box(anatomy: Anatomy, view: View, finding: Finding, image_size: int 
         box = (geometry.cx - width, lo, geometry.cx + width, hi)
     x0, y0, x1, y1 = box
     return [int(np.clip(round(v), 0, image_size)) for v in (x0 + sx, y0 + sy, x1 + sx, y1 + sy)]
-
-
-# --- how much of a small lesion survives downscaling -----------------------------------------------------------
-
-
-def _downscale(image_uint8: np.ndarray, size: int, resample: str) -> np.ndarray:
-    from PIL import Image
-
-    if size == image_uint8.shape[0]:
-        return image_uint8.astype(np.float32) / 255.0
-    method = {"box": Image.Resampling.BOX, "bicubic": Image.Resampling.BICUBIC}[resample]
-    return np.asarray(Image.fromarray(image_uint8).resize((size, size), method), np.float32) / 255.0
-
-
-def lesion_visibility_report(
-    diameters=(6, 8, 10, 12, 24),
-    resolutions=(336, 672, 1024),
-    lesions_per_diameter: int = 6,
-    resamples=("box", "bicubic"),
-    strength: float = 0.8,
-    seed: int = 0,
-) -> list[dict]:
-    """
-    Contrast of low-density flakes that survives downscaling a 1024 px radiograph to each model input size.
-
-    For each lesion, the same patient and exposure (same noise) are drawn with and without it, stored as 8-bit, and
-    downscaled with PIL (`box`, or `bicubic` as the Qilin / CLIP image processor does). At each resolution:
-    - `signal`: the deepest darkening the lesion causes, `max(clean - lesioned)` (intensity, 0..1);
-    - `background`: the standard deviation of the clean image (plane-detrended) in a ring 4-30 reference pixels
-      around the lesion: the bone texture and noise a reader has to tell the lesion from;
-    - `retained`: `signal` as a fraction of the full-resolution signal; `cnr`: `signal / background`.
-
-    Returns:
-        One dict per (diameter, resample, resolution): the means over lesions of the quantities above.
-    """
-    rng = np.random.default_rng(seed)
-    size = REFERENCE_SIZE
-    rows = []
-    for diameter in diameters:
-        samples = {}  # (resample, resolution) -> list of (signal, background)
-        full_signal = []
-        for _ in range(lesions_per_diameter):
-            anatomy, view = sample_anatomy(rng), sample_view(rng)
-            finding = Finding(
-                "flake",
-                int(rng.integers(2)),
-                str(rng.choice(BONES)),
-                depth=float(rng.uniform(45, 100)),
-                across=float(rng.uniform(-0.45, 0.45)),
-                size=float(diameter),
-                strength=strength,
-                seed=int(rng.integers(2**31)),
-            )
-            clean = to_uint8(render_radiograph(anatomy, view, [], size))
-            lesioned = to_uint8(render_radiograph(anatomy, view, [finding], size))
-            centre_x, centre_y = _LegGeometry(anatomy, finding.leg, 1.0).point(
-                finding.bone, finding.depth, finding.across
-            )
-            centre_x, centre_y = centre_x + view.shift_x, centre_y + view.shift_y
-            full_signal.append(float((clean.astype(np.float32) - lesioned).max() / 255.0))
-            for resample in resamples:
-                for resolution in resolutions:
-                    scale = resolution / size
-                    low_clean = _downscale(clean, resolution, resample)
-                    low_lesioned = _downscale(lesioned, resolution, resample)
-                    yy, xx = np.mgrid[0:resolution, 0:resolution].astype(np.float32) + 0.5
-                    rho = np.hypot(xx - centre_x * scale, yy - centre_y * scale)
-                    ring = (rho > (diameter / 2 + 4) * scale) & (rho < (diameter / 2 + 30) * scale)
-                    design = np.stack([xx[ring], yy[ring], np.ones(int(ring.sum()), np.float32)], axis=1)
-                    values = low_clean[ring]
-                    residual = values - design @ np.linalg.lstsq(design, values, rcond=None)[0]
-                    signal = float((low_clean - low_lesioned).max())
-                    samples.setdefault((resample, resolution), []).append((signal, float(residual.std())))
-        reference = float(np.mean(full_signal))
-        for (resample, resolution), values in samples.items():
-            signal = np.array([v[0] for v in values])
-            background = np.array([v[1] for v in values])
-            rows.append(
-                {
-                    "diameter": float(diameter),
-                    "resample": resample,
-                    "resolution": resolution,
-                    "signal": float(signal.mean()),
-                    "background": float(background.mean()),
-                    "retained": float(signal.mean() / reference),
-                    "cnr": float((signal / background).mean()),
-                }
-            )
-    return rows
-
-
-def format_visibility_report(rows: list[dict]) -> str:
-    """A Markdown table of `lesion_visibility_report` rows: retained contrast and CNR per size and resolution."""
-    resolutions = sorted({row["resolution"] for row in rows})
-    header = "| diameter at 1024 | resample | " + " | ".join(f"retained / CNR at {r}" for r in resolutions) + " |"
-    lines = [header, "|" + "---|" * (2 + len(resolutions))]
-    keys = sorted({(row["diameter"], row["resample"]) for row in rows})
-    for diameter, resample in keys:
-        cells = []
-        for resolution in resolutions:
-            row = next(
-                r for r in rows if (r["diameter"], r["resample"], r["resolution"]) == (diameter, resample, resolution)
-            )
-            cells.append(f"{row['retained']:.2f} / {row['cnr']:.1f}")
-        lines.append(f"| {diameter:g} px | {resample} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
