@@ -5,8 +5,8 @@ import json
 import pytest
 from peft import get_peft_model
 
-from qilin_med_vl.cli import main as cli
 from experiments.synthetic_hia.demo_builder import install_demo_model
+from qilin_med_vl.cli import main as cli
 from qilin_med_vl.demo import DEMO_EXAMPLES_DIR, DEMO_MODEL_DIR
 from qilin_med_vl.modeling.configuration_hia import HiAConfig
 from qilin_med_vl.testing import tiny_model, tiny_processor
@@ -36,8 +36,8 @@ def test_install_demo_model_keeps_weights_and_drops_remote_code(trained_folders,
 
 
 def test_demo_writes_a_report_for_the_shipped_pair(trained_folders, tmp_path, capsys):
-    from qilin_med_vl.loading import load_model_and_processor
     from qilin_med_vl.demo import COMPARATIVE_QUESTION, generate_report
+    from qilin_med_vl.loading import load_model_and_processor
 
     folder = tmp_path / "model"
     install_demo_model(trained_folders / "base", trained_folders / "hia", folder)
@@ -53,7 +53,8 @@ def test_demo_writes_a_report_for_the_shipped_pair(trained_folders, tmp_path, ca
 
 def test_the_embedded_demo_model_ships_with_the_package(capsys):
     assert (DEMO_MODEL_DIR / "config.json").is_file() and (DEMO_MODEL_DIR / "hia" / "adapter_config.json").is_file()
-    size = sum(path.stat().st_size for path in DEMO_MODEL_DIR.rglob("*") if path.is_file() and "examples" not in path.parts)
+    size = sum(path.stat().st_size for path in DEMO_MODEL_DIR.rglob("*")
+               if path.is_file() and "examples" not in path.parts)
     assert size <= 25 * 1024 * 1024
     assert cli(["demo", "--max-new-tokens", "48"]) == 0
     answer = capsys.readouterr().out

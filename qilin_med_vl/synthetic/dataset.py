@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 from PIL import Image
 
+from ..processing.processing_qilin import IMAGE_TOKEN
 from . import findings as clinical
 from .render import (
     REFERENCE_SIZE,
@@ -38,7 +39,6 @@ from .render import (
     sample_view,
     to_uint8,
 )
-from ..processing.processing_qilin import IMAGE_TOKEN
 
 __all__ = [
     "GENERATOR_VERSION",
