@@ -185,6 +185,14 @@ class QilinModelManager(ModelManager):
         model, self._model_of_processor = self._model_of_processor, None
         return model
 
+    def list_models(self, cache_dir: str | None = None) -> list[dict]:
+        """`/v1/models`: the served model alone (transformers 5.23 listed every model of the machine's Hub cache)."""
+        status = "loaded" if self.loaded_models else "unloaded"
+        return [{"id": self.force_model, "object": "model", "created": 0, "owned_by": "local",
+                 "status": {"value": status}}]
+
+    get_gen_models = list_models  # the name transformers 5.23's server calls
+
     @staticmethod
     def process_model_name(model_id: str) -> str:
         # Models are not looked up on the Hub by name (no "@main" revision): the served name is the model's name.
