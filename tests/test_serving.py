@@ -9,13 +9,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from transformers.utils.import_utils import is_serve_available
 
+from qilin_med_vl import load_image
 from qilin_med_vl.inference import generate_answers, user_message
 from qilin_med_vl.loading import DEMO_EXAMPLES_DIR, DEMO_MODEL_DIR, default_adapter, load_model_and_processor
 from qilin_med_vl.modeling.modeling_hia import hia_is_active
-from qilin_med_vl.serving import CONTINUOUS_BATCHING_UNSUPPORTED, build_app
+from qilin_med_vl.serving import CONTINUOUS_BATCHING_UNSUPPORTED, build_app, decode_data_url
 
 pytestmark = pytest.mark.skipif(not is_serve_available(), reason="needs transformers' serving extra")
 
@@ -178,3 +180,13 @@ def test_continuous_batching_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="pixel_values") as error:
         build_app(DEMO_MODEL_DIR, continuous_batching=True)
     assert str(error.value) == CONTINUOUS_BATCHING_UNSUPPORTED
+
+
+def test_a_dicom_data_url_is_read_like_the_dicom_file():
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm", download=False)  # shipped with pydicom
+    with open(path, "rb") as file:
+        url = "data:application/dicom;base64," + base64.b64encode(file.read()).decode()
+    assert np.array_equal(np.asarray(decode_data_url(url)), np.asarray(load_image(path)))
