@@ -111,7 +111,17 @@ def decode_data_url(url) -> Image.Image:
 
 class QilinImagesMixin:
     """Replaces the `{"type": "image", "url": ...}` blocks transformers makes of `image_url` / `input_image` parts
-    by decoded images, and checks the messages, so a bad request is a 400 before the model is touched."""
+    by decoded images, and checks the messages, so a bad request is a 400 before the model is touched. The
+    processor's own refusals (a prompt over the length limit once its images are expanded, ...) are 400s too."""
+
+    async def handle_request(self, body: dict, request_id: str):
+        try:
+            return await super().handle_request(body, request_id)
+        except InvalidRequestError:
+            raise
+        except ValueError as error:
+            # What the processor and `generate` refuse before generating (the package's errors name the problem).
+            raise InvalidRequestError(str(error)) from error
 
     def get_processor_inputs_from_messages(self, messages: list[dict], modality) -> list[dict]:
         processor_inputs = super().get_processor_inputs_from_messages(messages, modality)
@@ -216,6 +226,17 @@ def resolve_adapter(model: str, adapter: str | None) -> str | None:
     return None if adapter in (None, "none") else adapter
 
 
+def check_options(continuous_batching: bool = False, quantization: str | None = None) -> None:
+    """Raise before anything is loaded: `ValueError` for continuous batching (`CONTINUOUS_BATCHING_UNSUPPORTED`) or
+    an unknown quantization, `ImportError` without transformers' serving extra."""
+    if continuous_batching:
+        raise ValueError(CONTINUOUS_BATCHING_UNSUPPORTED)
+    if quantization not in (None, *QUANTIZATION_CHOICES):
+        raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {quantization!r}")
+    if not is_serve_available():
+        raise ImportError(SERVE_EXTRA_MISSING)
+
+
 def build_app(
     model: str | os.PathLike | None = None,
     adapter: str | None = "auto",
@@ -242,12 +263,7 @@ def build_app(
 
     The model is loaded before this returns. Raises `ImportError` without transformers' serving extra.
     """
-    if continuous_batching:
-        raise ValueError(CONTINUOUS_BATCHING_UNSUPPORTED)
-    if not is_serve_available():
-        raise ImportError(SERVE_EXTRA_MISSING)
-    if quantization not in (None, *QUANTIZATION_CHOICES):
-        raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {quantization!r}")
+    check_options(continuous_batching, quantization)
     model = os.fspath(model) if model is not None else str(DEMO_MODEL_DIR)
     model_manager = QilinModelManager(
         served_model_name or model,
@@ -281,6 +297,7 @@ def serve(model: str | os.PathLike | None = None, adapter: str | None = "auto", 
     `build_app`. The server has no authentication: bind it to 127.0.0.1 (the default) behind a proxy that has."""
     import uvicorn
 
+    check_options(options.get("continuous_batching", False), options.get("quantization"))
     model = os.fspath(model) if model is not None else str(DEMO_MODEL_DIR)
     resolved = resolve_adapter(model, adapter)
     print(f"Serving {model} as {options.get('served_model_name') or model!r}, "

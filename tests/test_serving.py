@@ -2,6 +2,7 @@
 API, on 127.0.0.1. Concurrent requests with two base64 images each, streamed and not, must answer exactly what
 `qilin_med_vl.inference` answers for the same input; bad images are a 400 naming the problem."""
 
+import argparse
 import base64
 import json
 import socket
@@ -17,7 +18,7 @@ from qilin_med_vl import load_image
 from qilin_med_vl.inference import generate_answers, user_message
 from qilin_med_vl.loading import DEMO_EXAMPLES_DIR, DEMO_MODEL_DIR, default_adapter, load_model_and_processor
 from qilin_med_vl.modeling.modeling_hia import hia_is_active
-from qilin_med_vl.serving import CONTINUOUS_BATCHING_UNSUPPORTED, build_app, decode_data_url
+from qilin_med_vl.serving import CONTINUOUS_BATCHING_UNSUPPORTED, add_arguments, build_app, decode_data_url, run
 
 pytestmark = pytest.mark.skipif(not is_serve_available(), reason="needs transformers' serving extra")
 
@@ -176,10 +177,27 @@ def test_requests_for_other_models_and_messages_it_cannot_read_are_refused(serve
     assert server.get("/health").json() == {"status": "ok"}
 
 
-def test_continuous_batching_is_refused_with_the_reason():
+def test_a_prompt_over_the_length_limit_is_a_400(server):
+    # 17 images of 64 tokens each are over the demo model's 1024 tokens.
+    body = chat_body([data_url(DEMO_EXAMPLES_DIR / "before.png")] * 17, "这是什么？")
+    response = server.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert "over the limit of 1024" in response.json()["error"]["message"]
+
+
+def test_command_line_arguments_and_continuous_batching_refused_with_the_reason(capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["./model", "--adapter", "hia", "--port", "9000", "--quantization", "bnb-4bit"])
+    assert (args.model, args.adapter, args.host, args.port, args.device, args.quantization) == (
+        "./model", "hia", "127.0.0.1", 9000, "auto", "bnb-4bit")
+    assert parser.parse_args([]).model is None and parser.parse_args([]).adapter == "auto"
     with pytest.raises(ValueError, match="pixel_values") as error:
-        build_app(DEMO_MODEL_DIR, continuous_batching=True)
+        run(parser.parse_args(["--continuous-batching"]))
     assert str(error.value) == CONTINUOUS_BATCHING_UNSUPPORTED
+    assert capsys.readouterr().err == ""  # refused before anything is loaded or announced
+    with pytest.raises(ValueError, match="pixel_values"):
+        build_app(DEMO_MODEL_DIR, continuous_batching=True)
 
 
 def test_a_dicom_data_url_is_read_like_the_dicom_file():
