@@ -301,7 +301,8 @@ def serve(model: str | os.PathLike | None = None, adapter: str | None = "auto", 
     model = os.fspath(model) if model is not None else str(DEMO_MODEL_DIR)
     resolved = resolve_adapter(model, adapter)
     print(f"Serving {model} as {options.get('served_model_name') or model!r}, "
-          + (f"with the HiA adapter {resolved!r}" if resolved else "without an adapter (base model only)"),
+          + (f"with the HiA adapter {resolved!r}" if resolved else "without an adapter (base model only"
+             + ("; --adapter hia loads a Hub repo's HiA)" if not os.path.isdir(model) else ")")),
           file=sys.stderr)
     if os.path.realpath(model) == os.path.realpath(DEMO_MODEL_DIR):
         print(NOT_FOR_CLINICAL_USE, file=sys.stderr)
