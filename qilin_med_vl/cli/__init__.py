@@ -10,10 +10,10 @@ import argparse
 import os
 import sys
 
-from . import app, chat, convert, convert_chimed_vl, demo, evaluate, push, synth_data, train
+from . import app, chat, convert, convert_chimed_vl, demo, evaluate, push, serve, synth_data, train
 
 # In `--help` order.
-COMMANDS = (chat, train, evaluate, demo, app, synth_data, convert_chimed_vl, convert, push)
+COMMANDS = (chat, train, evaluate, demo, app, serve, synth_data, convert_chimed_vl, convert, push)
 
 
 def build_parser() -> argparse.ArgumentParser:
