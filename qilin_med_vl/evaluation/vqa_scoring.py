@@ -4,7 +4,6 @@ extraction, per-task aggregation and the results table (see `qilin_med_vl.evalua
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 from collections import Counter
@@ -12,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .scoring import METRIC_COLUMNS, combine_results, format_results_table  # noqa: F401  (re-exported)
 from .tokenization import normalize_text, tokenize_zh
 
 CHOICE_LETTERS = "ABCD"
@@ -212,68 +212,3 @@ def score_vqa(rows: Iterable[Mapping[str, Any]]) -> dict:
     return {"per_task": per_task, "average": average, "overall": overall}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tables: BLEU-4/METEOR tasks and VQA tasks side by side
-# ----------------------------------------------------------------------------------------------------------------
-
-#: Metric keys a table shows, in this order within a task, and their column names.
-METRIC_COLUMNS = {"bleu_4": "B4", "meteor": "M", "accuracy": "Acc", "recall": "Recall"}
-
-
-def _format_number(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.1f}"
-
-
-def format_results_table(result: Mapping[str, Any], task_order: Sequence[Any] | None = None,
-                         name: str | None = None) -> str:
-    """`scoring.format_markdown_table` generalised to any metric of `METRIC_COLUMNS`: one column per task and
-    metric (`<task> B4`, `<task> M`, `<task> Acc`, `<task> Recall`), then AVG, the mean of the row's numbers. For
-    BLEU-4/METEOR results it gives exactly `format_markdown_table`'s table. `result` is one result (a `per_task`
-    mapping) or `{row name: result}`; see `combine_results` to put several results of one model in one row."""
-    if "per_task" in result:
-        rows, labelled = [(name, result)], name is not None
-    else:
-        rows, labelled = list(result.items()), True
-    if not rows:
-        raise ValueError("nothing to format")
-    if task_order is None:
-        task_order = []
-        for _, row in rows:
-            task_order.extend(task for task in row["per_task"] if task not in task_order)
-    metrics_of_task = {}
-    for task in task_order:
-        scores = next((row["per_task"][task] for _, row in rows if task in row["per_task"]), {})
-        metrics_of_task[task] = [metric for metric in METRIC_COLUMNS if metric in scores]
-    header = (["Model"] if labelled else []) + [f"{task} {METRIC_COLUMNS[metric]}" for task in task_order
-                                                for metric in metrics_of_task[task]] + ["AVG"]
-    align = ([":---"] if labelled else []) + ["---:"] * (len(header) - (1 if labelled else 0))
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    for label, row in rows:
-        cells, numbers = ([str(label)] if labelled else []), []
-        for task in task_order:
-            scores = row["per_task"].get(task)
-            for metric in metrics_of_task[task]:
-                value = None if scores is None else scores.get(metric)
-                if value is not None:
-                    numbers.append(value)
-                cells.append(_format_number(value))
-        cells.append(_format_number(_mean(numbers)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def combine_results(*results: Mapping[str, Any]) -> dict:
-    """One model's results of several evaluations (BLEU-4/METEOR per task, VQA benchmarks) as one result:
-    `per_task` merged (a task in two results is an error), `average` recomputed per metric over all tasks.
-    `overall` is left out: corpus-level BLEU of different test sets does not add up."""
-    per_task: dict = {}
-    for result in results:
-        for task, scores in result["per_task"].items():
-            if task in per_task:
-                raise ValueError(f"task {task!r} is in two results")
-            per_task[task] = scores
-    average = {metric: _mean([scores[metric] for scores in per_task.values() if metric in scores])
-               for metric in METRIC_COLUMNS if any(metric in scores for scores in per_task.values())}
-    return {"per_task": per_task, "average": average}
