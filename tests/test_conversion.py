@@ -33,7 +33,8 @@ from qilin_med_vl.conversion import (
     export_llava_hf,
     llava_config_from_qilin,
 )
-from qilin_med_vl.conversion.original import ShardWriter, parse_size, staged_output, write_safetensors
+from qilin_med_vl.conversion.original import ShardWriter, parse_size, write_safetensors
+from qilin_med_vl.conversion.staging import staged_output
 from qilin_med_vl.testing import random_image, tiny_model
 
 PROMPT = (

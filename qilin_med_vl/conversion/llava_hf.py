@@ -21,18 +21,14 @@ from .original import (
     DEFAULT_MAX_SHARD_SIZE,
     IMAGE_TOKEN,
     INV_FREQ_REASON,
-    ConversionError,
-    ConversionReport,
     KeyRule,
     ShardWriter,
     _ignored_files,
     _read_json,
     build_generation_config,
     build_processor,
-    check_complete,
     drop,
     dtype_from_name,
-    expected_state_dict_shapes,
     find_weight_files,
     iter_tensors,
     load_llama_tokenizer,
@@ -42,8 +38,9 @@ from .original import (
     progress_bar,
     resolve_checkpoint,
     save_remote_code_and_config,
-    staged_output,
 )
+from .report import ConversionError, ConversionReport, check_complete, expected_state_dict_shapes
+from .staging import staged_output
 
 HF_DOWNLOAD_PATTERNS = [
     "*.json",
@@ -142,7 +139,7 @@ def convert_llava_hf(
     ) as bar:
         writer = ShardWriter(staging, parse_size(max_shard_size))
         _stream(files, LLAVA_HF_IMPORT_RULES, "llava", writer, report, bar, target_dtype)
-        check_complete(writer, expected, report)
+        check_complete(writer.keys, expected, report)
         writer.close()
         if target_dtype is not None:
             config.dtype = target_dtype
@@ -216,7 +213,7 @@ def export_llava_hf(
     ) as bar:
         writer = ShardWriter(staging, parse_size(max_shard_size))
         _stream(files, LLAVA_HF_EXPORT_RULES, "qilin", writer, report, bar, None)
-        check_complete(writer, expected, report)
+        check_complete(writer.keys, expected, report)
         writer.close()
         llava_config.save_pretrained(staging)
         processor.save_pretrained(staging)

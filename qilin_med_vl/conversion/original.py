@@ -15,13 +15,9 @@ import json
 import mmap
 import os
 import re
-import shutil
 import struct
-import tempfile
-import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +26,8 @@ from ..modeling.configuration_qilin_med_vl import QilinMedVLConfig
 from ..modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
 from ..processing.image_processing_qilin import QilinImageProcessor
 from ..processing.processing_qilin import IMAGE_TOKEN, QilinProcessor
+from .report import ConversionError, ConversionReport, check_complete, expected_state_dict_shapes
+from .staging import staged_output
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 # transformers' llava-hf conversions pad the vocabulary to a multiple of 64 rows (32000 + `<image>` -> 32064).
@@ -51,62 +49,6 @@ ORIGINAL_DOWNLOAD_PATTERNS = [
     "added_tokens.json",
 ]
 CLIP_DOWNLOAD_PATTERNS = ["config.json", "preprocessor_config.json"]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Report and errors
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ConversionReport:
-    """What happened to every source tensor. Source keys read `"<origin>:<key>"` (origin: model, base, projector,
-    clip, ...); target keys are the output checkpoint's names."""
-
-    mapped: dict[str, str] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
-    created: dict[str, str] = field(default_factory=dict)
-    ignored_files: list[str] = field(default_factory=list)
-    output: str | None = None
-
-    def summary(self) -> str:
-        lines = [
-            f"{len(self.mapped)} tensors mapped, {len(self.dropped)} dropped on purpose, {len(self.missing)} missing"
-        ]
-        reasons: dict[str, int] = {}
-        for reason in self.dropped.values():
-            reason = re.sub(r" \([^()]*\)$", "", reason)  # per-tensor details stay in the JSON report
-            reasons[reason] = reasons.get(reason, 0) + 1
-        lines += [f"  dropped x{count}: {reason}" for reason, count in sorted(reasons.items())]
-        lines += [f"  changed {key}: {how}" for key, how in sorted(self.created.items())]
-        lines += [f"  missing: {key}" for key in self.missing]
-        if self.ignored_files:
-            lines.append(f"  files not read (no weights or superseded): {', '.join(self.ignored_files)}")
-        if self.output:
-            lines.append(f"  written to {self.output}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {
-            "output": self.output,
-            "mapped": self.mapped,
-            "dropped": self.dropped,
-            "missing": self.missing,
-            "created": self.created,
-            "ignored_files": self.ignored_files,
-        }
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
-
-
-class ConversionError(ValueError):
-    """A conversion that cannot be completed faithfully; `report` holds what was accounted for so far."""
-
-    def __init__(self, message: str, report: ConversionReport | None = None):
-        super().__init__(message)
-        self.report = report
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -463,154 +405,10 @@ class ShardWriter:
         return names
 
 
-def check_not_inside(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str = "input"
-                     ) -> None:
-    """Refuse an `output` folder that is, or contains, one of `inputs`: replacing it would delete what is being
-    read (`convert SRC SRC --force`, or an output that is a parent of the source)."""
-    target = Path(output).resolve()
-    for item in inputs:
-        if item is None or not Path(item).exists():
-            continue  # a Hub repo id lives in the cache, never under a user's output folder
-        source = Path(item).resolve()
-        if source == target or target in source.parents:
-            raise ValueError(
-                f"The output {output} is or contains the {what} {item}; replacing it would delete the {what}. "
-                "Choose an output folder outside it."
-            )
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _remove_stale_staging(output: Path) -> None:
-    """Staging folders that a killed run (SIGKILL, power loss) left next to `output`: their names carry the pid of
-    the process that made them, so only those whose process is gone are removed."""
-    if not output.parent.is_dir():
-        return
-    for path in output.parent.glob(f".{glob_escape(output.name)}.partial-*"):
-        match = re.fullmatch(rf"\.{re.escape(output.name)}\.partial-(\d+)-.*", path.name)
-        if match and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?[])", r"[\1]", name)
-
-
-@contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (a `kill`, a job scheduler's time limit) ends the process without unwinding the stack, so no
-    `finally` would remove a half-written staging folder. Within this block it raises `KeyboardInterrupt` instead
-    (in the main thread only: signals cannot be handled elsewhere)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        # None: the previous handler was not installed from Python (an embedding host); the default is the best guess.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def _check_replaceable(output: Path) -> None:
-    """`force` replaces a folder as a whole, so only one that holds a saved model (a `config.json`: an earlier
-    conversion or `save_pretrained`) or nothing at all; a file, a link or a folder of other things is refused."""
-    if output.is_symlink() or not output.is_dir():
-        raise FileExistsError(f"{output} exists and is not a folder; --force only replaces a model folder")
-    entries = sorted(path.name for path in output.iterdir())
-    if entries and "config.json" not in entries:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise FileExistsError(
-            f"{output} holds files that are not a saved model ({shown}); --force only replaces a model folder "
-            "(one with a config.json). Choose another output folder."
-        )
-
-
-@contextmanager
-def staged_output(output: str | os.PathLike, force: bool = False,
-                  protect: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
-    """A temporary folder next to `output` that becomes `output` only if the block completes, so an interrupted or
-    failed conversion leaves no half-written model. An existing non-empty `output` needs `force=True`, and is then
-    replaced only if it holds a saved model (a `config.json`); an `output` that is or contains one of the `protect`
-    paths (the inputs) is always refused. Ctrl-C and SIGTERM remove the
-    staging folder; one left by a killed process is removed by the next run for the same `output`."""
-    output = Path(output)
-    check_not_inside(output, protect)
-    if output.exists() and not force and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"{output} already exists; pass force=True (--force) to replace it")
-    if output.exists() and force:
-        _check_replaceable(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(output)
-    with _terminate_as_interrupt():
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            staging.chmod(0o777 & ~umask)  # mkdtemp's private 0o700 is not what a model folder should end up with
-            yield staging
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if output.exists():
-            # Move the old output aside first: a crash between the two renames still leaves one complete model.
-            retired = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-            output.rename(retired)
-            staging.rename(output)
-            if retired.is_dir() and not retired.is_symlink():
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                retired.unlink()
-        else:
-            staging.rename(output)
-
-
 def progress_bar(total_bytes: int, enabled: bool, description: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=not enabled)
-
-
-def expected_state_dict_shapes(config: QilinMedVLConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor a `QilinMedVLForConditionalGeneration` of `config` saves (built on the meta
-    device: no memory)."""
-    with torch.device("meta"):
-        model = QilinMedVLForConditionalGeneration(config)
-    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
-
-
-def check_complete(writer: ShardWriter, expected: dict[str, tuple[int, ...]], report: ConversionReport) -> None:
-    """Every expected tensor written with the expected shape, and nothing else."""
-    unexpected = sorted(set(writer.keys) - set(expected))
-    if unexpected:
-        raise ConversionError(f"Tensors the model does not have: {unexpected[:10]}", report)
-    wrong = {key: (shape, expected[key]) for key, shape in writer.keys.items() if expected[key] != shape}
-    if wrong:
-        details = ", ".join(f"{key} {got} (expected {want})" for key, (got, want) in list(wrong.items())[:10])
-        raise ConversionError(f"Shape mismatch: {details}", report)
-    report.missing = sorted(set(expected) - set(writer.keys))
-    if report.missing:
-        raise ConversionError(
-            f"{len(report.missing)} tensors of the model have no source, e.g. {report.missing[:10]}", report
-        )
 
 
 def save_remote_code_and_config(folder: Path, config: QilinMedVLConfig) -> None:
@@ -1003,7 +801,7 @@ def convert_original(
 
         if target_dtype is not None:
             config.dtype = target_dtype
-        check_complete(writer, expected, report)
+        check_complete(writer.keys, expected, report)
         writer.close()
 
         save_remote_code_and_config(staging, config)
