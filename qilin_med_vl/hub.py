@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .conversion.original import find_weight_files, index_shard_files
+from .conversion.checkpoint_io import find_weight_files, index_shard_files
 from .conversion.staging import check_not_inside, staged_output
 from .loading import HIA_SUBFOLDER
 
