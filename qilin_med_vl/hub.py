@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .conversion.original import check_not_inside, find_weight_files, index_shard_files, staged_output
+from .conversion.checkpoint_io import find_weight_files, index_shard_files
+from .conversion.staging import check_not_inside, staged_output
 from .loading import HIA_SUBFOLDER
 
 # Each card in model_cards/ names its own repo with one of these ids; `render_model_card` puts the real one in.

@@ -33,7 +33,8 @@ from qilin_med_vl.conversion import (
     export_llava_hf,
     llava_config_from_qilin,
 )
-from qilin_med_vl.conversion.original import ShardWriter, parse_size, staged_output, write_safetensors
+from qilin_med_vl.conversion.checkpoint_io import PendingTensor, ShardWriter, load_lazily, write_safetensors
+from qilin_med_vl.conversion.staging import staged_output
 from qilin_med_vl.testing import random_image, tiny_model
 
 PROMPT = (
@@ -553,22 +554,42 @@ def test_cli_convert_and_export(release, clip_folder, tmp_path, capsys):
 def test_safetensors_writer_round_trips_every_dtype(tmp_path):
     from safetensors.torch import load_file
 
-    from qilin_med_vl.conversion.original import _load_safetensors, _PendingTensor
-
     tensors = {"bf16": torch.randn(3, 5).to(torch.bfloat16), "f32": torch.randn(7), "i64": torch.arange(6).view(2, 3),
-               "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6)[:, ::2]}
-    write_safetensors(tmp_path / "x.safetensors", [_PendingTensor(k, v, v.dtype) for k, v in tensors.items()])
+               "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6)[:, ::2],
+               "f8": torch.randn(4).to(torch.float8_e4m3fn)}
+    write_safetensors(tmp_path / "x.safetensors", [PendingTensor(k, v, v.dtype) for k, v in tensors.items()])
     loaded = load_file(tmp_path / "x.safetensors")
-    mapped = _load_safetensors(tmp_path / "x.safetensors")  # the converters' zero-copy reader
+    mapped = load_lazily(tmp_path / "x.safetensors")  # the converters' zero-copy reader
+    assert list(mapped) == list(tensors)  # file order
     for key, value in tensors.items():
-        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
-        assert mapped[key].dtype == value.dtype and torch.equal(mapped[key], value), key
-    writer = ShardWriter(tmp_path, max_shard_bytes=parse_size("100B"))
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key].float(), value.float())
+        assert mapped[key].dtype == value.dtype and torch.equal(mapped[key].float(), value.float())
+
+
+def test_shard_writer_splits_casts_and_indexes_like_save_pretrained(tmp_path):
+    writer = ShardWriter(max_shard_size="100")  # a byte count, as the command line passes it
     writer.add("a", torch.zeros(20))  # 80 bytes
     writer.add("b", torch.zeros(20))  # would pass 100: new shard
     writer.add("c", torch.zeros(100))  # larger than a shard: a shard of its own
-    assert writer.close() == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
+    writer.add("d", torch.ones(40), dtype=torch.bfloat16)  # 80 bytes once cast
+    writer.add("e", torch.arange(2), dtype=torch.bfloat16)  # integers keep their dtype: 16 bytes
+    with pytest.raises(ConversionError, match="Two source tensors map to a"):
+        writer.add("a", torch.zeros(1))
+    names = writer.write(tmp_path)
+    assert names == [f"model-0000{i}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 80 + 80 + 400 + 80 + 16
+    # huggingface_hub's plan: a tensor over the limit is a shard of its own at once, the open shard goes on after it.
+    assert index["weight_map"] == {"a": names[0], "c": names[1], "b": names[2], "d": names[3], "e": names[3]}
+    with safe_open(tmp_path / names[3], framework="pt") as handle:
+        assert handle.get_tensor("d").dtype == torch.bfloat16 and handle.get_tensor("e").dtype == torch.int64
+    single = ShardWriter("5GB")
+    single.add("a", torch.zeros(2))
+    (tmp_path / "single").mkdir()
+    assert single.write(tmp_path / "single") == ["model.safetensors"]
+    assert not (tmp_path / "single" / "model.safetensors.index.json").exists()
+    with pytest.raises(ValueError, match="2GiB"):  # sizes are read as save_pretrained reads them, at once
+        ShardWriter("2GiB")
 
 
 PEAK_MEMORY = textwrap.dedent(

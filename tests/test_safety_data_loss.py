@@ -13,7 +13,7 @@ from test_conversion import build_clip, build_original_release  # noqa: E402  (t
 
 from qilin_med_vl.cli import main as cli
 from qilin_med_vl.conversion import convert_original
-from qilin_med_vl.conversion.original import staged_output
+from qilin_med_vl.conversion.staging import staged_output
 from qilin_med_vl.hub import push_to_hub
 from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
 from qilin_med_vl.training import ConversationDataset, DataValidationError
@@ -273,7 +273,7 @@ def test_convert_chimed_vl_failure_leaves_the_previous_output(tmp_path):
 def test_sigterm_removes_the_staging_folder(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from qilin_med_vl.conversion.original import staged_output
+        from qilin_med_vl.conversion.staging import staged_output
         with staged_output({str(tmp_path / "out")!r}) as staging:
             (staging / "model-partial-00001.safetensors").write_bytes(b"x" * 1000)
             print("writing", flush=True)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from qilin_med_vl.cli import main as cli
 from qilin_med_vl.conversion import ConversionError
-from qilin_med_vl.conversion.original import iter_tensors
+from qilin_med_vl.conversion.checkpoint_io import iter_tensors
 from qilin_med_vl.testing import random_image, tiny_processor
 
 # ----------------------------------------------------------------------------------------------------------------

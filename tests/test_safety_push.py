@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qilin_med_vl.conversion import ConversionError
-from qilin_med_vl.conversion.original import find_weight_files
+from qilin_med_vl.conversion.checkpoint_io import find_weight_files
 from qilin_med_vl.hub import assemble_repo, check_repo_folder, push_to_hub
 from qilin_med_vl.testing import tiny_model
 

@@ -1,8 +1,9 @@
 # Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
 """`qilin-med-vl convert {original,llava-hf,export-llava}`: checkpoints to or from the HF-native layout."""
 
+from ..conversion.checkpoint_io import DEFAULT_MAX_SHARD_SIZE
 from ..conversion.llava_hf import convert_llava_hf, export_llava_hf
-from ..conversion.original import DEFAULT_CLIP, DEFAULT_MAX_SHARD_SIZE, ConversionReport, convert_original
+from ..conversion.original import DEFAULT_CLIP, ConversionReport, convert_original
 
 
 def _finish(report: ConversionReport, args) -> int:

@@ -7,43 +7,31 @@
   in the llava-hf key layout (`language_model.model.*`, `vision_tower.vision_model.*`), which transformers 4.x and
   5.x, vLLM and SGLang all load.
 
-Both stream the weights one tensor at a time with the machinery of `original.py`.
+Both stream the weights one tensor at a time (`checkpoint_io.py`) through the key rules of `key_rules.py`.
 """
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
 from ..modeling.configuration_qilin_med_vl import QilinMedVLConfig
-from ..processing.processing_qilin import VICUNA_V1_CHAT_TEMPLATE
-from .llava import llava_config_from_qilin, qilin_config_from_llava
-from .original import (
+from ..processing.processing_qilin import IMAGE_TOKEN, VICUNA_V1_CHAT_TEMPLATE
+from .assets import build_generation_config, load_llama_tokenizer, prepare_tokenizer, save_qilin_assets
+from .checkpoint_io import (
     DEFAULT_MAX_SHARD_SIZE,
-    IMAGE_TOKEN,
-    INV_FREQ_REASON,
-    ConversionError,
-    ConversionReport,
-    KeyRule,
     ShardWriter,
-    _ignored_files,
-    _read_json,
-    build_generation_config,
-    build_processor,
-    check_complete,
-    drop,
-    dtype_from_name,
-    expected_state_dict_shapes,
     find_weight_files,
-    iter_tensors,
-    load_llama_tokenizer,
-    map_key,
-    parse_size,
-    prepare_tokenizer,
-    progress_bar,
+    ignored_weight_files,
+    output_dtype,
+    read_json,
     resolve_checkpoint,
-    save_remote_code_and_config,
-    staged_output,
 )
+from .key_rules import LLAVA_HF_EXPORT_RULES, LLAVA_HF_IMPORT_RULES, map_key, map_tensors
+from .llava import llava_config_from_qilin, qilin_config_from_llava
+from .report import ConversionError, ConversionReport, check_complete, expected_state_dict_shapes
+from .staging import staged_output
 
 HF_DOWNLOAD_PATTERNS = [
     "*.json",
@@ -53,43 +41,16 @@ HF_DOWNLOAD_PATTERNS = [
     "tokenizer*",
 ]
 
-# Every layout transformers has saved llava-hf checkpoints in: 4.x (`language_model.model.*`,
-# `vision_tower.vision_model.*`), 4.52+ (`model.language_model.*`, `model.vision_tower.vision_model.*`) and 5.x
-# (`model.vision_tower.*` without the `vision_model` level).
-LLAVA_HF_IMPORT_RULES = (
-    drop(r"(language_model\.model|model\.language_model)\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
-         INV_FREQ_REASON),
-    drop(r"(model\.)?vision_tower\.(vision_model\.)?embeddings\.position_ids", "CLIP position_ids buffer"),
-    KeyRule(r"language_model\.lm_head\.(.+)", r"lm_head.\1"),
-    KeyRule(r"language_model\.model\.(.+)", r"model.language_model.\1"),
-    KeyRule(r"(model\.)?vision_tower\.vision_model\.(.+)", r"model.vision_tower.\2"),
-    KeyRule(r"vision_tower\.(.+)", r"model.vision_tower.\1"),
-    KeyRule(r"multi_modal_projector\.(.+)", r"model.multi_modal_projector.\1"),
-    KeyRule(r"((model\.(language_model|vision_tower|multi_modal_projector)|lm_head)\..+)", r"\1"),
-)
 
-# The llava-hf layout of the Hub's llava-hf/llava-1.5-*-hf repos: read by every transformers version, vLLM, SGLang.
-LLAVA_HF_EXPORT_RULES = (
-    KeyRule(r"model\.language_model\.(.+)", r"language_model.model.\1"),
-    KeyRule(r"lm_head\.(.+)", r"language_model.lm_head.\1"),
-    KeyRule(r"model\.vision_tower\.(.+)", r"vision_tower.vision_model.\1"),
-    KeyRule(r"model\.multi_modal_projector\.(.+)", r"multi_modal_projector.\1"),
-)
-
-
-def _stream(files, rules, origin, writer, report, bar, dtype):
-    """Maps every tensor of `files` through `rules` into `writer`; an unknown key is an error."""
-    for path in files:
-        for key, tensor in iter_tensors(path):
-            bar.update(tensor.numel() * tensor.element_size())
-            matched, target, reason = map_key(rules, key)
-            if not matched:
-                raise ConversionError(f"Unexpected tensor {key} in {path.name}: no rule maps it", report)
-            if target is None:
-                report.dropped[f"{origin}:{key}"] = reason
-                continue
-            writer.add(target, tensor, dtype)
-            report.mapped[f"{origin}:{key}"] = target
+def _write_weights(staging, files, rules, origin, report, *, expected, dtype, max_shard_size, progress, description):
+    """Maps every tensor of `files` through `rules` (`origin` names them in the report), checks them against
+    `expected` (name -> shape) and writes them into `staging` as shards."""
+    writer = ShardWriter(max_shard_size)
+    for source_key, target, tensor in map_tensors(files, rules, origin, report):
+        writer.add(target, tensor, dtype)
+        report.mapped[source_key] = target
+    check_complete(writer.keys, expected, report)
+    writer.write(staging, progress, description)
 
 
 def convert_llava_hf(
@@ -116,7 +77,7 @@ def convert_llava_hf(
 
     report = ConversionReport()
     folder = resolve_checkpoint(source, HF_DOWNLOAD_PATTERNS)
-    raw = _read_json(folder / "config.json")
+    raw = read_json(folder / "config.json")
     if raw.get("model_type") != "llava" or "text_config" not in raw:
         raise ConversionError(f"{source} is not a llava-hf checkpoint (model_type 'llava' with a text_config)")
     if raw.get("text_config", {}).get("model_type", "llama") != "llama":
@@ -129,29 +90,21 @@ def convert_llava_hf(
             f"config's image_token_index {config.image_token_id}"
         )
     config.text_config.pad_token_id = tokenizer.pad_token_id
-    target_dtype = dtype_from_name(None if dtype == "auto" else dtype) or dtype_from_name(
-        raw.get("dtype") or raw.get("torch_dtype")
-    )
+    target_dtype = output_dtype(dtype, raw)
+    if target_dtype is not None:
+        config.dtype = target_dtype
     files = find_weight_files(folder)
     if not files:
         raise ConversionError(f"{source} holds no weights")
     expected = expected_state_dict_shapes(config)
+    image_source = read_json(folder / "preprocessor_config.json")
 
-    with staged_output(output, force, protect=[source, folder]) as staging, progress_bar(
-        sum(path.stat().st_size for path in files), progress, "Converting"
-    ) as bar:
-        writer = ShardWriter(staging, parse_size(max_shard_size))
-        _stream(files, LLAVA_HF_IMPORT_RULES, "llava", writer, report, bar, target_dtype)
-        check_complete(writer, expected, report)
-        writer.close()
-        if target_dtype is not None:
-            config.dtype = target_dtype
-        save_remote_code_and_config(staging, config)
-        image_source = _read_json(folder / "preprocessor_config.json")
-        processor = build_processor(tokenizer, config, image_source, do_pad=image_source.get("do_pad", True))
-        processor.save_pretrained(staging)
-        build_generation_config(_read_json(folder / "generation_config.json"), tokenizer).save_pretrained(staging)
-    report.ignored_files = _ignored_files(folder, files)
+    with staged_output(output, force, protect=[source, folder]) as staging:
+        _write_weights(staging, files, LLAVA_HF_IMPORT_RULES, "llava", report, expected=expected, dtype=target_dtype,
+                       max_shard_size=max_shard_size, progress=progress, description="Converting")
+        save_qilin_assets(staging, config, tokenizer, folder, image_source=image_source,
+                          do_pad=image_source.get("do_pad", True))
+    report.ignored_files = ignored_weight_files(folder, files)
     report.output = str(output)
     return report
 
@@ -211,18 +164,14 @@ def export_llava_hf(
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
     )
 
-    with staged_output(output, force, protect=[source, folder]) as staging, progress_bar(
-        sum(path.stat().st_size for path in files), progress, "Exporting"
-    ) as bar:
-        writer = ShardWriter(staging, parse_size(max_shard_size))
-        _stream(files, LLAVA_HF_EXPORT_RULES, "qilin", writer, report, bar, None)
-        check_complete(writer, expected, report)
-        writer.close()
+    with staged_output(output, force, protect=[source, folder]) as staging:
+        _write_weights(staging, files, LLAVA_HF_EXPORT_RULES, "qilin", report, expected=expected, dtype=None,
+                       max_shard_size=max_shard_size, progress=progress, description="Exporting")
         llava_config.save_pretrained(staging)
         processor.save_pretrained(staging)
-        build_generation_config(_read_json(folder / "generation_config.json"), tokenizer).save_pretrained(staging)
+        build_generation_config(read_json(folder / "generation_config.json"), tokenizer).save_pretrained(staging)
         write_transformers4_compatible_files(staging)
-    report.ignored_files = _ignored_files(folder, files)
+    report.ignored_files = ignored_weight_files(folder, files)
     if (folder / "hia").is_dir():
         report.ignored_files.append("hia/ (the HiA adapter: vLLM and SGLang serve the base model only)")
     report.output = str(output)
@@ -238,9 +187,6 @@ def write_transformers4_compatible_files(folder) -> None:
     - `tokenizer_config.json`: `additional_special_tokens` for the list form of `extra_special_tokens` (4.x wants a
       dict there), without transformers 5's own keys and the Qilin processor's `auto_map`.
     """
-    import json
-    from pathlib import Path
-
     folder = Path(folder)
 
     def rewrite(name, update):
@@ -279,7 +225,6 @@ def write_transformers4_compatible_files(folder) -> None:
     rewrite("config.json", config)
     rewrite("tokenizer_config.json", tokenizer)
     rewrite("processor_config.json", processor)
-
 
 
 __all__ = ["convert_llava_hf", "export_llava_hf", "write_transformers4_compatible_files"]

@@ -1,43 +1,42 @@
 # Copyright 2026 The qilin-med-vl Authors. Licensed under the Apache License, Version 2.0.
-"""The original Qilin-Med-VL release (LLaVA v1.1-era layout) -> an HF-native Qilin-Med-VL folder.
+"""The original Qilin-Med-VL release (LLaVA v1.1-era layout) + CLIP -> an HF-native Qilin-Med-VL folder.
 
-The first half of this module is the streaming checkpoint machinery every converter here shares: readers that
-map `.bin` shards (`weights_only=True`) one file at a time, key-mapping rules with drop reasons, a safetensors
-shard writer that writes tensor by tensor, a report that accounts for every source tensor, and an output folder
-that appears only when the conversion is complete.
+The release's config maps to a `QilinMedVLConfig` (`qilin_config_from_original`); its tensors stream through the
+key rules of `key_rules.py` into a `ShardWriter` (`checkpoint_io.py`), with every source tensor accounted for in the
+`ConversionReport` (`report.py`); the folder appears only when complete (`staging.py`).
 
     >>> from qilin_med_vl.conversion import convert_original
     >>> report = convert_original("Qilin-Med-VL", "Qilin-Med-VL-hf")  # doctest: +SKIP
     >>> print(report.summary())  # doctest: +SKIP
 """
 
-import json
-import mmap
 import os
-import re
-import shutil
-import struct
-import tempfile
-import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..modeling.configuration_qilin_med_vl import QilinMedVLConfig
-from ..modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
-from ..processing.image_processing_qilin import QilinImageProcessor
-from ..processing.processing_qilin import IMAGE_TOKEN, QilinProcessor
+from ..processing.processing_qilin import IMAGE_TOKEN
+from .assets import load_llama_tokenizer, prepare_tokenizer, save_qilin_assets
+from .checkpoint_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    LazyCheckpoint,
+    ShardWriter,
+    find_weight_files,
+    ignored_weight_files,
+    iter_tensors,
+    output_dtype,
+    read_json,
+    resolve_checkpoint,
+)
+from .key_rules import CLIP_RULES, ORIGINAL_LLM_RULES, map_key, map_tensors
+from .report import ConversionError, ConversionReport, check_complete, expected_state_dict_shapes
+from .staging import staged_output
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 # transformers' llava-hf conversions pad the vocabulary to a multiple of 64 rows (32000 + `<image>` -> 32064).
 VOCAB_MULTIPLE = 64
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 
-# Files of a checkpoint folder that hold weights, in order of preference; anything else is configs or leftovers.
-WEIGHT_FILE_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
 ORIGINAL_DOWNLOAD_PATTERNS = [
     "config.json",
     "generation_config.json",
@@ -53,137 +52,6 @@ ORIGINAL_DOWNLOAD_PATTERNS = [
 CLIP_DOWNLOAD_PATTERNS = ["config.json", "preprocessor_config.json"]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Report and errors
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ConversionReport:
-    """What happened to every source tensor. Source keys read `"<origin>:<key>"` (origin: model, base, projector,
-    clip, ...); target keys are the output checkpoint's names."""
-
-    mapped: dict[str, str] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
-    created: dict[str, str] = field(default_factory=dict)
-    ignored_files: list[str] = field(default_factory=list)
-    output: str | None = None
-
-    def summary(self) -> str:
-        lines = [
-            f"{len(self.mapped)} tensors mapped, {len(self.dropped)} dropped on purpose, {len(self.missing)} missing"
-        ]
-        reasons: dict[str, int] = {}
-        for reason in self.dropped.values():
-            reason = re.sub(r" \([^()]*\)$", "", reason)  # per-tensor details stay in the JSON report
-            reasons[reason] = reasons.get(reason, 0) + 1
-        lines += [f"  dropped x{count}: {reason}" for reason, count in sorted(reasons.items())]
-        lines += [f"  changed {key}: {how}" for key, how in sorted(self.created.items())]
-        lines += [f"  missing: {key}" for key in self.missing]
-        if self.ignored_files:
-            lines.append(f"  files not read (no weights or superseded): {', '.join(self.ignored_files)}")
-        if self.output:
-            lines.append(f"  written to {self.output}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {
-            "output": self.output,
-            "mapped": self.mapped,
-            "dropped": self.dropped,
-            "missing": self.missing,
-            "created": self.created,
-            "ignored_files": self.ignored_files,
-        }
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
-
-
-class ConversionError(ValueError):
-    """A conversion that cannot be completed faithfully; `report` holds what was accounted for so far."""
-
-    def __init__(self, message: str, report: ConversionReport | None = None):
-        super().__init__(message)
-        self.report = report
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Key mapping rules
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KeyRule:
-    """`pattern` (a full-match regex) -> `target` (a `re.sub` template), or dropped when `target` is None."""
-
-    pattern: str
-    target: str | None
-    reason: str | None = None
-
-    def apply(self, key: str) -> str | None:
-        return re.sub(self.pattern, self.target, key) if self.target is not None else None
-
-
-def map_key(rules: Iterable[KeyRule], key: str) -> tuple[bool, str | None, str | None]:
-    """`(matched, target, drop_reason)` of the first rule whose pattern matches all of `key`."""
-    for rule in rules:
-        if re.fullmatch(rule.pattern, key):
-            return True, rule.apply(key), rule.reason
-    return False, None, None
-
-
-def drop(pattern: str, reason: str) -> KeyRule:
-    return KeyRule(pattern, None, reason)
-
-
-INV_FREQ_REASON = "rotary inv_freq buffer: recomputed from the config at load time"
-
-# The LLaVA v1.1 fork (and a plain HF LLaMA checkpoint, for projector-only releases): LLaMA under `model.*`.
-ORIGINAL_LLM_RULES = (
-    KeyRule(r"model\.embed_tokens\.weight", "model.language_model.embed_tokens.weight"),
-    drop(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", INV_FREQ_REASON),
-    KeyRule(r"model\.layers\.(.+)", r"model.language_model.layers.\1"),
-    KeyRule(r"model\.norm\.weight", "model.language_model.norm.weight"),
-    KeyRule(r"lm_head\.weight", "lm_head.weight"),
-    KeyRule(r"model\.mm_projector\.0\.(weight|bias)", r"model.multi_modal_projector.linear_1.\1"),
-    KeyRule(r"model\.mm_projector\.2\.(weight|bias)", r"model.multi_modal_projector.linear_2.\1"),
-    KeyRule(r"model\.mm_projector\.(weight|bias)", r"model.multi_modal_projector.linear_1.\1"),
-    # The CLIP copy some files carry; the original loader ignored it (it loaded CLIP from mm_vision_tower).
-    drop(r"model\.vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids", "CLIP position_ids buffer"),
-    KeyRule(r"model\.vision_tower\.vision_tower\.vision_model\.(.+)", r"model.vision_tower.\1"),
-)
-
-CLIP_HEAD_REASON = "CLIP contrastive head: LLaVA reads a hidden layer of the vision tower, not the projection"
-# A CLIP checkpoint: a full `CLIPModel` or `CLIPVisionModel(WithProjection)` as saved by transformers 4.x
-# (`vision_model.*`), or a `CLIPVisionModel` saved by transformers 5.x (no `vision_model.` level).
-CLIP_RULES = (
-    drop(r"(vision_model\.)?embeddings\.position_ids", "CLIP position_ids buffer (not persistent in transformers 5)"),
-    drop(r"text_model\..+", "CLIP text tower: not part of the LLaVA architecture"),
-    drop(r"(visual_projection|text_projection)\.weight|logit_scale", CLIP_HEAD_REASON),
-    KeyRule(r"vision_model\.(.+)", r"model.vision_tower.\1"),
-    KeyRule(r"((embeddings|encoder|pre_layrnorm|post_layernorm)\..+)", r"model.vision_tower.\1"),
-)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reading checkpoints
-# --------------------------------------------------------------------------------------------------------------
-
-
-def resolve_checkpoint(name_or_path: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
-    """A local folder as it is, or a Hub repo id through `huggingface_hub.snapshot_download` (the local cache
-    only when `HF_HUB_OFFLINE=1`)."""
-    if Path(name_or_path).is_dir():
-        return Path(name_or_path)
-    if Path(name_or_path).exists() or str(name_or_path).count("/") > 1:
-        raise FileNotFoundError(f"{name_or_path} is neither a checkpoint folder nor a Hub repo id")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(repo_id=str(name_or_path), allow_patterns=allow_patterns))
-
-
 def resolve_clip(name_or_path: str | os.PathLike) -> Path:
     """The CLIP folder, downloading only its configs and one weight format (safetensors if there is one)."""
     if Path(name_or_path).is_dir():
@@ -194,468 +62,8 @@ def resolve_clip(name_or_path: str | os.PathLike) -> Path:
     return folder
 
 
-def find_weight_files(folder: Path) -> list[Path]:
-    """The weight files of a transformers-style checkpoint folder: those its index names, else every
-    `model*.safetensors`, else every `pytorch_model*.bin` (sorted). Safetensors win when both are present."""
-    for index_name, pattern in (
-        ("model.safetensors.index.json", "model*.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
-    ):
-        index = folder / index_name
-        if index.is_file():
-            return index_shard_files(folder, index)
-        files = sorted(folder.glob(pattern))
-        if files:
-            return files
-    return []
-
-
-def index_shard_files(folder: Path, index: Path) -> list[Path]:
-    """The shard files a `*.index.json` names, sorted. Raises `ConversionError` naming the index when it is not
-    valid JSON with a `weight_map`, or names a file outside `folder` (`../x.bin`, an absolute path, a link out):
-    a checkpoint must never make us read, or publish, a file it does not contain."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ConversionError(f"{index}: not a valid shard index ({type(error).__name__}: {error})") from None
-    files = []
-    for name in names:
-        # Checked lexically, not by resolving links: a Hugging Face cache snapshot's shards are links into its blobs.
-        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ConversionError(f"{index} maps weights to {name!r}, outside {folder}; refusing to read it")
-        files.append(folder / name)
-    return files
-
-
-def _load_bin(path: Path) -> dict:
-    """A `.bin` (torch pickle) file's state dict, memory-mapped where the format allows. Only tensors and plain
-    containers are unpickled (`weights_only=True`); anything else, and a damaged file, raise `ConversionError`
-    naming the file."""
-    import pickle
-
-    if path.stat().st_size == 0:
-        raise ConversionError(f"{path}: the file is empty (an interrupted download or copy?)")
-    try:
-        try:
-            # Memory-mapped: a tensor is read from disk only when it is used, so a shard never sits in memory twice.
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            # Files from before torch's zip format (torch < 1.6) cannot be mapped.
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's message suggests weights_only=False, which would run whatever code the file carries: never do.
-        match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        if match is None:
-            operand = re.search(r"Unsupported operand \d+", str(error))
-            raise ConversionError(f"{path}: not a readable torch checkpoint, truncated or damaged (unpickling "
-                                  f"failed{': ' + operand.group(0) if operand else ''})") from None
-        raise ConversionError(
-            f"{path}: refused: the pickle holds an object of type {match.group(1)}, not only tensors. Only plain "
-            "state dicts are read, since unpickling anything else can run code. Convert the file to safetensors "
-            "where it was made, from a source you trust."
-        ) from None
-    except (EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError, MemoryError, struct.error) as error:
-        raise ConversionError(f"{path}: not a readable torch checkpoint, truncated or damaged "
-                              f"({type(error).__name__}: {str(error)[:300]})") from None
-
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-SAFETENSORS_TO_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file as views of a memory map of it (copy-on-write: nothing is read until
-    used, and the file is never modified), like `torch.load(mmap=True)` for `.bin` files. The header is checked
-    first (its size, JSON, dtypes, shapes and offsets against the file's size): a truncated or damaged file raises
-    `ConversionError` naming it instead of reading past its end."""
-    size = path.stat().st_size
-
-    def damaged(problem: str) -> ConversionError:
-        return ConversionError(f"{path}: not a valid safetensors file, truncated or damaged ({problem})")
-
-    if size < 8:
-        raise damaged(f"{size} bytes, shorter than the 8-byte header length")
-    with open(path, "rb") as handle:
-        header_size = struct.unpack("<Q", handle.read(8))[0]
-        if header_size > size - 8 or header_size > 100 * 2**20:
-            raise damaged(f"the header claims {header_size:,} bytes but the file has {size:,}")
-        try:
-            header = json.loads(handle.read(header_size))
-        except (ValueError, UnicodeDecodeError) as error:
-            raise damaged(f"the header is not JSON: {error}") from None
-        if not isinstance(header, dict):
-            raise damaged("the header is not a JSON object")
-        data_size = size - 8 - header_size
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                dtype = SAFETENSORS_TO_TORCH[info["dtype"]]
-                start, end = (int(value) for value in info["data_offsets"])
-                shape = [int(value) for value in info["shape"]]
-            except (KeyError, TypeError, ValueError) as error:
-                raise damaged(f"tensor {key!r} has an unreadable entry {str(info)[:120]} ({error!r})") from None
-            count = 1
-            for dimension in shape:
-                count *= dimension
-            fits = 0 <= start <= end <= data_size and end - start == count * dtype.itemsize
-            if min(shape, default=0) < 0 or not fits:
-                raise damaged(f"tensor {key!r} ({info['dtype']} {shape}) at bytes {start}..{end} does not fit the "
-                              f"{data_size:,} bytes of data")
-        mapped = None if data_size == 0 else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = SAFETENSORS_TO_TORCH[info["dtype"]]
-        start, end = info["data_offsets"]
-        if end == start:
-            tensors[key] = torch.empty(info["shape"], dtype=dtype)
-            continue
-        flat = torch.frombuffer(
-            mapped, dtype=dtype, offset=8 + header_size + start, count=(end - start) // dtype.itemsize
-        )
-        tensors[key] = flat.view(info["shape"])
-    return tensors
-
-
-def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one `.safetensors` or `.bin` file, one at a time, memory-mapped."""
-    state_dict = _load_safetensors(path) if path.suffix == ".safetensors" else _load_bin(path)
-    if not isinstance(state_dict, dict):
-        raise ConversionError(f"{path} does not hold a state dict")
-    keys = list(state_dict)
-    for key in keys:
-        yield key, state_dict.pop(key)
-
-
-class LazyCheckpoint:
-    """Random access to the tensors of some weight files without reading them: every file is memory-mapped, a
-    tensor is read from disk when it is used."""
-
-    def __init__(self, files: list[Path]):
-        self._tensors: dict[str, torch.Tensor] = {}
-        for path in files:
-            self._tensors.update(_load_safetensors(path) if path.suffix == ".safetensors" else _load_bin(path))
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._tensors
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Writing checkpoints
-# --------------------------------------------------------------------------------------------------------------
-
-
-
-def parse_size(size: int | str) -> int:
-    """`"5GB"`, `"500MB"`, `"2GiB"` or a byte count -> bytes."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"Not a size: {size!r} (try '5GB' or '500MB')")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    return int(number * base ** "BKMGT".index(unit[0]))
-
-
-@dataclass
-class _PendingTensor:
-    key: str
-    tensor: torch.Tensor
-    dtype: torch.dtype
-
-    def __post_init__(self):
-        self.nbytes = self.tensor.numel() * self.dtype.itemsize
-        self.shape = list(self.tensor.shape)
-
-
-def write_safetensors(path: Path, tensors: list[_PendingTensor], metadata: dict | None = None) -> None:
-    """Writes a safetensors file tensor by tensor (each cast on the fly), so memory holds one tensor at a time,
-    not the whole file as `safetensors.torch.save_file` does."""
-    header, offset = {}, 0
-    for item in tensors:
-        header[item.key] = {
-            "dtype": SAFETENSORS_DTYPES[item.dtype],
-            "shape": item.shape,
-            "data_offsets": [offset, offset + item.nbytes],
-        }
-        offset += item.nbytes
-    header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for item in tensors:
-            data = item.tensor.to(item.dtype).contiguous()
-            if data.numel():
-                handle.write(data.reshape(-1).view(torch.uint8).numpy().data)
-            # Let go at once: a memory-mapped source file is unmapped when its last tensor is written, so resident
-            # pages stay near one source shard however large the output shard.
-            item.tensor = data = None
-
-
-class ShardWriter:
-    """Collects output tensors and writes them into safetensors shards of at most `max_shard_bytes` (a tensor
-    larger than that gets a shard of its own). Shards get their final `model-0000i-of-0000N` names in `close`."""
-
-    def __init__(self, folder: Path, max_shard_bytes: int):
-        self.folder = folder
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: list[_PendingTensor] = []
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
-        self.keys: dict[str, tuple[int, ...]] = {}
-
-    def add(self, key: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-        if key in self.keys:
-            raise ConversionError(f"Two source tensors map to {key}")
-        dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        item = _PendingTensor(key, tensor, dtype)
-        if self._pending and self._pending_bytes + item.nbytes > self.max_shard_bytes:
-            self.flush()
-        self._pending.append(item)
-        self._pending_bytes += item.nbytes
-        self.total_bytes += item.nbytes
-        self.keys[key] = tuple(tensor.shape)
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        path = self.folder / f"model-partial-{len(self._shards) + 1:05d}.safetensors"
-        write_safetensors(path, self._pending)
-        self._shards.append((path, [item.key for item in self._pending]))
-        self._pending, self._pending_bytes = [], 0
-
-    def close(self) -> list[str]:
-        """Writes what is left, names the shards and writes the index; returns the shard file names."""
-        self.flush()
-        count = len(self._shards)
-        if count == 1:
-            self._shards[0][0].rename(self.folder / "model.safetensors")
-            return ["model.safetensors"]
-        weight_map, names = {}, []
-        for number, (path, keys) in enumerate(self._shards, start=1):
-            name = f"model-{number:05d}-of-{count:05d}.safetensors"
-            path.rename(self.folder / name)
-            names.append(name)
-            weight_map.update({key: name for key in keys})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
-
-
-def check_not_inside(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str = "input"
-                     ) -> None:
-    """Refuse an `output` folder that is, or contains, one of `inputs`: replacing it would delete what is being
-    read (`convert SRC SRC --force`, or an output that is a parent of the source)."""
-    target = Path(output).resolve()
-    for item in inputs:
-        if item is None or not Path(item).exists():
-            continue  # a Hub repo id lives in the cache, never under a user's output folder
-        source = Path(item).resolve()
-        if source == target or target in source.parents:
-            raise ValueError(
-                f"The output {output} is or contains the {what} {item}; replacing it would delete the {what}. "
-                "Choose an output folder outside it."
-            )
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _remove_stale_staging(output: Path) -> None:
-    """Staging folders that a killed run (SIGKILL, power loss) left next to `output`: their names carry the pid of
-    the process that made them, so only those whose process is gone are removed."""
-    if not output.parent.is_dir():
-        return
-    for path in output.parent.glob(f".{glob_escape(output.name)}.partial-*"):
-        match = re.fullmatch(rf"\.{re.escape(output.name)}\.partial-(\d+)-.*", path.name)
-        if match and path.is_dir() and not path.is_symlink() and not _process_alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?[])", r"[\1]", name)
-
-
-@contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (a `kill`, a job scheduler's time limit) ends the process without unwinding the stack, so no
-    `finally` would remove a half-written staging folder. Within this block it raises `KeyboardInterrupt` instead
-    (in the main thread only: signals cannot be handled elsewhere)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        # None: the previous handler was not installed from Python (an embedding host); the default is the best guess.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def _check_replaceable(output: Path) -> None:
-    """`force` replaces a folder as a whole, so only one that holds a saved model (a `config.json`: an earlier
-    conversion or `save_pretrained`) or nothing at all; a file, a link or a folder of other things is refused."""
-    if output.is_symlink() or not output.is_dir():
-        raise FileExistsError(f"{output} exists and is not a folder; --force only replaces a model folder")
-    entries = sorted(path.name for path in output.iterdir())
-    if entries and "config.json" not in entries:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise FileExistsError(
-            f"{output} holds files that are not a saved model ({shown}); --force only replaces a model folder "
-            "(one with a config.json). Choose another output folder."
-        )
-
-
-@contextmanager
-def staged_output(output: str | os.PathLike, force: bool = False,
-                  protect: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
-    """A temporary folder next to `output` that becomes `output` only if the block completes, so an interrupted or
-    failed conversion leaves no half-written model. An existing non-empty `output` needs `force=True`, and is then
-    replaced only if it holds a saved model (a `config.json`); an `output` that is or contains one of the `protect`
-    paths (the inputs) is always refused. Ctrl-C and SIGTERM remove the
-    staging folder; one left by a killed process is removed by the next run for the same `output`."""
-    output = Path(output)
-    check_not_inside(output, protect)
-    if output.exists() and not force and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"{output} already exists; pass force=True (--force) to replace it")
-    if output.exists() and force:
-        _check_replaceable(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(output)
-    with _terminate_as_interrupt():
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            staging.chmod(0o777 & ~umask)  # mkdtemp's private 0o700 is not what a model folder should end up with
-            yield staging
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if output.exists():
-            # Move the old output aside first: a crash between the two renames still leaves one complete model.
-            retired = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-            output.rename(retired)
-            staging.rename(output)
-            if retired.is_dir() and not retired.is_symlink():
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                retired.unlink()
-        else:
-            staging.rename(output)
-
-
-def progress_bar(total_bytes: int, enabled: bool, description: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=not enabled)
-
-
-def expected_state_dict_shapes(config: QilinMedVLConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor a `QilinMedVLForConditionalGeneration` of `config` saves (built on the meta
-    device: no memory)."""
-    with torch.device("meta"):
-        model = QilinMedVLForConditionalGeneration(config)
-    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
-
-
-def check_complete(writer: ShardWriter, expected: dict[str, tuple[int, ...]], report: ConversionReport) -> None:
-    """Every expected tensor written with the expected shape, and nothing else."""
-    unexpected = sorted(set(writer.keys) - set(expected))
-    if unexpected:
-        raise ConversionError(f"Tensors the model does not have: {unexpected[:10]}", report)
-    wrong = {key: (shape, expected[key]) for key, shape in writer.keys.items() if expected[key] != shape}
-    if wrong:
-        details = ", ".join(f"{key} {got} (expected {want})" for key, (got, want) in list(wrong.items())[:10])
-        raise ConversionError(f"Shape mismatch: {details}", report)
-    report.missing = sorted(set(expected) - set(writer.keys))
-    if report.missing:
-        raise ConversionError(
-            f"{len(report.missing)} tensors of the model have no source, e.g. {report.missing[:10]}", report
-        )
-
-
-def save_remote_code_and_config(folder: Path, config: QilinMedVLConfig) -> None:
-    """`config.json` with `auto_map` plus the flat set of remote-code files, as `save_pretrained` would write them
-    for a `QilinMedVLForConditionalGeneration` (which is never materialised here)."""
-    from transformers.dynamic_module_utils import custom_object_save
-
-    with torch.device("meta"):
-        meta_model = QilinMedVLForConditionalGeneration(config)
-    custom_object_save(meta_model, folder)
-    entry = f"{QilinMedVLForConditionalGeneration.__module__.split('.')[-1]}.QilinMedVLForConditionalGeneration"
-    config.architectures = ["QilinMedVLForConditionalGeneration"]
-    config.auto_map = {
-        "AutoConfig": f"{QilinMedVLConfig.__module__.split('.')[-1]}.QilinMedVLConfig",
-        "AutoModel": entry,
-        "AutoModelForImageTextToText": entry,
-    }
-    config.save_pretrained(folder)
-
-
-def dtype_from_name(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"Not a floating-point dtype: {name!r}")
-    return dtype
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple if multiple > 1 else value
-
-
-def grow_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """`tensor` `(n, D)` with rows appended up to `rows`, each the mean of the existing rows: a neutral start for
-    tokens the model never saw (the `<image>` row is never read, image features replace it)."""
-    extra = rows - tensor.shape[0]
-    if extra <= 0:
-        return tensor
-    mean = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype)
-    return torch.cat([tensor, mean.expand(extra, -1)], dim=0)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The original release
+# The release's config
 # --------------------------------------------------------------------------------------------------------------
 
 TEXT_CONFIG_FIELDS = (
@@ -678,18 +86,9 @@ SELECT_FEATURE_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
 PROJECTOR_TYPES_BY_NAME = {"mlp2x_gelu": "mlp2x_gelu", "linear": "linear"}
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _source_dtype(config: dict) -> torch.dtype | None:
-    name = config.get("torch_dtype") or config.get("dtype")
-    return dtype_from_name(name) if name else None
-
-
 def vision_config_from_clip(clip_folder: Path) -> dict:
     """The `clip_vision_model` config of a CLIP checkpoint folder (full `CLIPModel` or vision-only)."""
-    config = _read_json(clip_folder / "config.json")
+    config = read_json(clip_folder / "config.json")
     if not config:
         raise ConversionError(f"{clip_folder} has no config.json: not a CLIP checkpoint")
     if config.get("model_type") == "clip":
@@ -742,77 +141,23 @@ def qilin_config_from_original(
     )
 
 
-def load_llama_tokenizer(folder: Path):
-    """A checkpoint's LLaMA tokenizer (a slow SentencePiece `tokenizer.model`, or a `tokenizer.json`) as a
-    transformers tokenizer. transformers 5 converts `tokenizer.model` to a fast tokenizer, which needs
-    `sentencepiece` and `protobuf`."""
-    from transformers import AutoTokenizer, LlamaTokenizer
-
-    if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
-        raise ConversionError(f"{folder} has no tokenizer.model or tokenizer.json")
-    # Not AutoTokenizer: next to a `model_type: "llava"` config it picks a generic class that, reading
-    # `tokenizer.model`, loses SentencePiece's word-start marker.
-    tokenizer_class = _read_json(folder / "tokenizer_config.json").get("tokenizer_class", "LlamaTokenizer")
-    try:
-        if tokenizer_class.removesuffix("Fast") == "LlamaTokenizer":
-            return LlamaTokenizer.from_pretrained(folder)
-        return AutoTokenizer.from_pretrained(folder)
-    except ImportError as error:
-        raise ImportError(
-            f"Converting {folder / 'tokenizer.model'} needs sentencepiece and protobuf: "
-            "pip install 'qilin-med-vl[convert]'"
-        ) from error
+# --------------------------------------------------------------------------------------------------------------
+# The conversion
+# --------------------------------------------------------------------------------------------------------------
 
 
-def prepare_tokenizer(tokenizer, model_max_length: int | None = None):
-    """Adds `<image>` as a special token (if missing); pad = unk (id 0), as the original trained with; left
-    padding, which batched generation needs. Returns the tokenizer."""
-    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id):
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    tokenizer.padding_side = "left"
-    if model_max_length:
-        tokenizer.model_max_length = model_max_length
-    return tokenizer
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple if multiple > 1 else value
 
 
-def build_processor(tokenizer, config: QilinMedVLConfig, image_source: dict | None = None, do_pad: bool = True):
-    """`QilinProcessor` (v1 chat template) for `config`: CLIP normalisation (from `image_source`, a
-    preprocessor_config.json, where given), the vision tower's resolution, HiA's high-resolution view at twice it."""
-    image_size = config.vision_config.image_size
-    image_source = image_source or {}
-    kwargs = {key: image_source[key] for key in ("image_mean", "image_std") if key in image_source}
-    image_processor = QilinImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        high_res_size=2 * image_size,
-        do_pad=do_pad,
-        **kwargs,
-    )
-    return QilinProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.image_seq_length
-    )
-
-
-def build_generation_config(source: dict, tokenizer):
-    from transformers import GenerationConfig
-
-    values = {k: v for k, v in source.items() if k not in ("transformers_version", "_from_model_config")}
-    generation_config = GenerationConfig(**values)
-    generation_config.bos_token_id = tokenizer.bos_token_id
-    generation_config.eos_token_id = tokenizer.eos_token_id
-    generation_config.pad_token_id = tokenizer.pad_token_id
-    return generation_config
-
-
-def _ignored_files(folder: Path, read: Iterable[Path]) -> list[str]:
-    read = {path.resolve() for path in read}
-    return sorted(
-        path.name
-        for path in folder.iterdir()
-        if path.is_file() and path.suffix in (".bin", ".safetensors", ".pt", ".pth") and path.resolve() not in read
-    )
+def grow_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` `(n, D)` with rows appended up to `rows`, each the mean of the existing rows: a neutral start for
+    tokens the model never saw (the `<image>` row is never read, image features replace it)."""
+    extra = rows - tensor.shape[0]
+    if extra <= 0:
+        return tensor
+    mean = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype)
+    return torch.cat([tensor, mean.expand(extra, -1)], dim=0)
 
 
 def _compare(tensor: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype | None = None) -> str:
@@ -823,6 +168,46 @@ def _compare(tensor: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype |
         tensor, reference = tensor.to(dtype), reference.to(dtype)
     difference = (tensor.float() - reference.float()).abs().max().item() if tensor.numel() else 0.0
     return "identical" if difference == 0 else f"differs, max |diff| {difference:.3g}"
+
+
+def _clip_key_for(target: str, clip_weights: LazyCheckpoint) -> str | None:
+    """The CLIP checkpoint key that fills `target` (`model.vision_tower.X`): `vision_model.X` or plain `X`."""
+    suffix = target.removeprefix("model.vision_tower.")
+    return next((key for key in (f"vision_model.{suffix}", suffix) if key in clip_weights), None)
+
+
+def _language_model(source, source_folder: Path, base_model) -> tuple[Path, str, list[Path]]:
+    """`(folder, origin, weight files)` of the language model: the release's own shards, or for a
+    projector-only release (no shards) those of `base_model`."""
+    files = find_weight_files(source_folder)
+    if files and base_model is not None:
+        raise ConversionError(
+            f"{source} already holds language-model weights; base_model is only for projector-only releases"
+        )
+    if files:
+        return source_folder, "model", files
+    if base_model is None:
+        raise ConversionError(
+            f"{source} holds no language-model weights (a projector-only release): pass base_model, the LLaMA "
+            "checkpoint it was trained on"
+        )
+    folder = resolve_checkpoint(base_model, ORIGINAL_DOWNLOAD_PATTERNS)
+    files = find_weight_files(folder)
+    if not files:
+        raise ConversionError(f"{base_model} holds no weights")
+    return folder, "base", files
+
+
+def _read_projector(path: Path, report: ConversionReport) -> dict[str, tuple[str, torch.Tensor]]:
+    """Target -> (source key, tensor) of every tensor of `mm_projector.bin`; anything but the projector is an
+    error."""
+    projector = {}
+    for key, tensor in iter_tensors(path):
+        matched, target, _ = map_key(ORIGINAL_LLM_RULES, key)
+        if not matched or target is None or not target.startswith("model.multi_modal_projector."):
+            raise ConversionError(f"Unexpected tensor in {path.name}: {key}", report)
+        projector[target] = (f"projector:{key}", tensor)
+    return projector
 
 
 def convert_original(
@@ -849,7 +234,7 @@ def convert_original(
         base_model: the LLaMA checkpoint for a projector-only release (`mm_projector.bin` without LLM weights).
         dtype: output dtype of floating-point tensors; "auto" keeps the release's `torch_dtype` (bf16).
         force: replace an existing `output`.
-        max_shard_size: output shard size limit, e.g. "5GB".
+        max_shard_size: output shard size limit: a byte count or "5GB", "500MB" (decimal units).
         vocab_multiple: `embed_tokens` / `lm_head` grow to a multiple of this many rows after `<image>` is added.
         progress: show a progress bar.
 
@@ -859,34 +244,19 @@ def convert_original(
     """
     report = ConversionReport()
     source_folder = resolve_checkpoint(source, ORIGINAL_DOWNLOAD_PATTERNS)
-    original = _read_json(source_folder / "config.json")
+    original = read_json(source_folder / "config.json")
     if "text_config" in original:
         raise ConversionError(f"{source} is a transformers llava-hf checkpoint: use convert_llava_hf")
-    llm_files = find_weight_files(source_folder)
+    llm_folder, llm_origin, llm_files = _language_model(source, source_folder, base_model)
     projector_file = source_folder / "mm_projector.bin"
     projector_file = projector_file if projector_file.is_file() else None
-    llm_folder, llm_origin = source_folder, "model"
-    if not llm_files:
-        if base_model is None:
-            raise ConversionError(
-                f"{source} holds no language-model weights (a projector-only release): pass base_model, the LLaMA "
-                "checkpoint it was trained on"
-            )
-        llm_folder, llm_origin = resolve_checkpoint(base_model, ORIGINAL_DOWNLOAD_PATTERNS), "base"
-        llm_files = find_weight_files(llm_folder)
-        if not llm_files:
-            raise ConversionError(f"{base_model} holds no weights")
-    elif base_model is not None:
-        raise ConversionError(
-            f"{source} already holds language-model weights; base_model is only for projector-only releases"
-        )
     # LLaVA pads to a square only for "pad"; "square" (or none) is CLIP's plain resize + centre crop.
     if original.get("image_aspect_ratio") not in (None, "pad", "square"):
         raise ConversionError(
             f"image_aspect_ratio {original['image_aspect_ratio']!r} is not supported (pad or square)"
         )
     do_pad = original.get("image_aspect_ratio") == "pad" or not original
-    text_source = _read_json(llm_folder / "config.json") if llm_origin == "base" else original
+    text_source = read_json(llm_folder / "config.json") if llm_origin == "base" else original
     if "hidden_size" not in text_source:
         raise ConversionError(f"{llm_folder / 'config.json'} does not describe the language model")
 
@@ -910,119 +280,71 @@ def convert_original(
     rows = round_up(max(source_rows, len(tokenizer)), vocab_multiple)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
-    projector_pending: dict[str, tuple[str, torch.Tensor]] = {}
-    if projector_file is not None:
-        projector_keys = set()
-        for key, tensor in iter_tensors(projector_file):
-            projector_keys.add(key)
-            matched, target, _ = map_key(ORIGINAL_LLM_RULES, key)
-            if not matched or target is None or not target.startswith("model.multi_modal_projector."):
-                raise ConversionError(f"Unexpected tensor in {projector_file.name}: {key}", report)
-            projector_pending[target] = (f"projector:{key}", tensor)
-        if "mm_projector_type" not in original and "model.mm_projector.0.weight" in projector_keys:
-            original = {**original, "mm_projector_type": "mlp2x_gelu"}  # a release without config.json
-
+    projector_pending = _read_projector(projector_file, report) if projector_file is not None else {}
+    if "mm_projector_type" not in original and "model.multi_modal_projector.linear_2.weight" in projector_pending:
+        original = {**original, "mm_projector_type": "mlp2x_gelu"}  # a release without config.json
     config = qilin_config_from_original(
         original, text_source, vision_config, rows, image_token_id, tokenizer.pad_token_id
     )
-    target_dtype = (
-        dtype_from_name(None if dtype == "auto" else dtype) or _source_dtype(original) or _source_dtype(text_source)
-    )
-    expected = expected_state_dict_shapes(config)
+    target_dtype = output_dtype(dtype, original, text_source)
     grown = {"model.language_model.embed_tokens.weight", "lm_head.weight"}
+    writer = ShardWriter(max_shard_size)
 
-    read_files = [*llm_files, *clip_files, *([projector_file] if projector_file else [])]
-    total = sum(path.stat().st_size for path in read_files)
+    def add(source_key: str, target: str, tensor: torch.Tensor) -> None:
+        nonlocal target_dtype
+        if target_dtype is None and tensor.is_floating_point():
+            target_dtype = tensor.dtype  # no torch_dtype in the config: keep the weights' own
+        if target in grown:
+            if tensor.shape[0] != source_rows:
+                raise ConversionError(
+                    f"{source_key} has {tensor.shape[0]} rows, the config says {source_rows}", report
+                )
+            if rows > tensor.shape[0]:
+                report.created[target] = f"rows {tensor.shape[0]} -> {rows}, new rows = mean of the existing rows"
+            tensor = grow_rows(tensor, rows)
+        writer.add(target, tensor, target_dtype)
+        report.mapped[source_key] = target
+
     inputs = [source, clip, base_model, source_folder, clip_folder, llm_folder]
-    with staged_output(output, force, protect=inputs) as staging, progress_bar(total, progress, "Converting") as bar:
-        writer = ShardWriter(staging, parse_size(max_shard_size))
-
-        def emit(source_key: str, target: str, tensor: torch.Tensor) -> None:
-            nonlocal target_dtype
-            if target_dtype is None and tensor.is_floating_point():
-                target_dtype = tensor.dtype  # no torch_dtype in the config: keep the weights' own
-            if target in grown:
-                if tensor.shape[0] != source_rows:
-                    raise ConversionError(
-                        f"{source_key} has {tensor.shape[0]} rows, the config says {source_rows}", report
-                    )
-                if rows > tensor.shape[0]:
-                    report.created[target] = f"rows {tensor.shape[0]} -> {rows}, new rows = mean of the existing rows"
-                tensor = grow_rows(tensor, rows)
-            writer.add(target, tensor, target_dtype)
-            report.mapped[source_key] = target
-
+    with staged_output(output, force, protect=inputs) as staging:
         # 1. Language model (and whatever else the release's shards carry), one file at a time.
-        for path in llm_files:
-            for key, tensor in iter_tensors(path):
-                source_key = f"{llm_origin}:{key}"
-                bar.update(tensor.numel() * tensor.element_size())
-                matched, target, reason = map_key(ORIGINAL_LLM_RULES, key)
-                if not matched:
-                    raise ConversionError(f"Unexpected tensor {key} in {path.name}: no rule maps it", report)
-                if target is None:
-                    report.dropped[source_key] = reason
-                elif target.startswith("model.vision_tower."):
-                    clip_key = _clip_key_for(target, clip_weights)
-                    verdict = (
-                        _compare(tensor, clip_weights.get(clip_key), target_dtype) if clip_key else "absent from CLIP"
-                    )
-                    report.dropped[source_key] = (
-                        "embedded CLIP copy, which the original loader ignored; the vision tower comes from the CLIP "
-                        f"checkpoint ({verdict})"
-                    )
-                elif target in projector_pending:
-                    other_key, other = projector_pending.pop(target)
-                    report.dropped[other_key] = (
-                        "mm_projector.bin duplicates the projector in the shards, which win "
-                        f"({_compare(other, tensor, target_dtype)})"
-                    )
-                    emit(source_key, target, tensor)
-                else:
-                    emit(source_key, target, tensor)
-                del tensor
-
+        for source_key, target, tensor in map_tensors(llm_files, ORIGINAL_LLM_RULES, llm_origin, report):
+            if target.startswith("model.vision_tower."):
+                clip_key = _clip_key_for(target, clip_weights)
+                verdict = (
+                    _compare(tensor, clip_weights.get(clip_key), target_dtype) if clip_key else "absent from CLIP"
+                )
+                report.dropped[source_key] = (
+                    "embedded CLIP copy, which the original loader ignored; the vision tower comes from the CLIP "
+                    f"checkpoint ({verdict})"
+                )
+                continue
+            if target in projector_pending:
+                other_key, other = projector_pending.pop(target)
+                report.dropped[other_key] = (
+                    "mm_projector.bin duplicates the projector in the shards, which win "
+                    f"({_compare(other, tensor, target_dtype)})"
+                )
+            add(source_key, target, tensor)
         # 2. The projector from mm_projector.bin, where the shards did not carry one.
         for target, (source_key, tensor) in projector_pending.items():
-            emit(source_key, target, tensor)
-        if projector_file is not None:
-            bar.update(projector_file.stat().st_size)
-
+            add(source_key, target, tensor)
         # 3. The CLIP vision tower.
-        for path in clip_files:
-            for key, tensor in iter_tensors(path):
-                bar.update(tensor.numel() * tensor.element_size())
-                matched, target, reason = map_key(CLIP_RULES, key)
-                if not matched:
-                    raise ConversionError(f"Unexpected tensor {key} in CLIP file {path.name}", report)
-                if target is None:
-                    report.dropped[f"clip:{key}"] = reason
-                else:
-                    emit(f"clip:{key}", target, tensor)
-                del tensor
+        for source_key, target, tensor in map_tensors(clip_files, CLIP_RULES, "clip", report):
+            add(source_key, target, tensor)
 
         if target_dtype is not None:
             config.dtype = target_dtype
-        check_complete(writer, expected, report)
-        writer.close()
-
-        save_remote_code_and_config(staging, config)
-        processor = build_processor(tokenizer, config, _read_json(clip_folder / "preprocessor_config.json"), do_pad)
-        processor.save_pretrained(staging)
-        generation_source = _read_json(source_folder / "generation_config.json")
-        build_generation_config(generation_source, tokenizer).save_pretrained(staging)
-    report.ignored_files = _ignored_files(source_folder, read_files) + (
-        _ignored_files(llm_folder, read_files) if llm_folder != source_folder else []
+        check_complete(writer.keys, expected_state_dict_shapes(config), report)  # before a byte is written
+        writer.write(staging, progress, "Converting")
+        save_qilin_assets(staging, config, tokenizer, source_folder,
+                          image_source=read_json(clip_folder / "preprocessor_config.json"), do_pad=do_pad)
+    read_files = [*llm_files, *clip_files, *([projector_file] if projector_file else [])]
+    report.ignored_files = ignored_weight_files(source_folder, read_files) + (
+        ignored_weight_files(llm_folder, read_files) if llm_folder != source_folder else []
     )
     report.output = str(output)
     return report
-
-
-def _clip_key_for(target: str, clip_weights: LazyCheckpoint) -> str | None:
-    """The CLIP checkpoint key that fills `target` (`model.vision_tower.X`): `vision_model.X` or plain `X`."""
-    suffix = target.removeprefix("model.vision_tower.")
-    return next((key for key in (f"vision_model.{suffix}", suffix) if key in clip_weights), None)
-
 
 
 __all__ = [
