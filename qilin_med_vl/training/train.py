@@ -150,6 +150,20 @@ def _check_fsdp_is_active(trainer: Trainer) -> None:
         )
 
 
+def _init_deepspeed_comm(training_args: TrainingArguments) -> None:
+    """Give DeepSpeed the process group before the model is loaded. Under ZeRO-3, `from_pretrained` builds the model
+    inside `deepspeed.zero.Init`, which reads the world size from `deepspeed.comm`. accelerate initialises
+    `deepspeed.comm` for accelerator processes, but on CPU processes (`--use-cpu`, gloo) it only starts
+    `torch.distributed`: zero.Init then sees one process and refuses the batch size the Trainer computed for all of
+    them ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 1 * 1 * 1")."""
+    if not training_args.deepspeed or not torch.distributed.is_initialized():
+        return
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
 def train(args: StageArguments, hia_config: HiAConfig, training_args: TrainingArguments) -> int:
     """Run one stage: validate the data, build the model for the stage, train with `Trainer`, save the result (the
     adapter for HiA and LoRA, the whole model otherwise) and the processor in `training_args.output_dir`."""
@@ -177,9 +191,12 @@ def train(args: StageArguments, hia_config: HiAConfig, training_args: TrainingAr
         print(f"{len(dataset)} training records are valid")
         return 0
 
+    _init_deepspeed_comm(training_args)
     model = build_model(args, training_args, hia_config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # Under ZeRO-3 the base model's parameters are partitioned at load time: `numel()` is this process's share (0),
+    # `ds_numel` the whole parameter's.
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     logger.info("stage %s: %d of %d parameters train (%.2f%%)", args.stage, trainable, total, 100 * trainable / total)
 
     trainer = Trainer(
