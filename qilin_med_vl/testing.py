@@ -85,7 +85,7 @@ def tiny_processor(
 def tiny_config(
     vocab_size: int | None = None,
     hidden_size: int = 64,
-    num_hidden_layers: int = 3,
+    num_hidden_layers: int = 4,
     vision_hidden_size: int = 32,
     image_size: int = 28,
     patch_size: int = 14,

@@ -345,8 +345,8 @@ def test_clear_errors(folder_with_hia, processor, images, tmp_path):
         adapted(**wrong_size)
     with pytest.raises(ValueError, match="hidden size 64, but the model has 128"):
         PeftModel.from_pretrained(tiny_model(hidden_size=128), folder / "hia")
-    with pytest.raises(ValueError, match="built for a language model of 3 layers, but the model has 4"):
-        PeftModel.from_pretrained(tiny_model(num_hidden_layers=4), folder / "hia")
+    with pytest.raises(ValueError, match="built for a language model of 4 layers, but the model has 5"):
+        PeftModel.from_pretrained(tiny_model(num_hidden_layers=5), folder / "hia")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no adapter_config.json"):
         tiny_model().load_adapter(str(tmp_path / "empty"))

@@ -362,10 +362,18 @@ class HiAModel(BaseTuner):
                 f"but the model has {num_layers}"
             )
         peft_config.base_hidden_size, peft_config.base_num_layers = hidden_size, num_layers
+        if num_layers < 2:
+            raise ValueError("HiA needs a language model of at least 2 layers: a block acts on the layers after it")
         if peft_config.layers is None:
-            peft_config.layers = sorted({num_layers // 3, 2 * num_layers // 3})
+            # The paper's L/3 and 2L/3, kept off the last layer in very shallow models (see below).
+            peft_config.layers = sorted({min(layer, num_layers - 2) for layer in (num_layers // 3, 2 * num_layers // 3)})
         if peft_config.layers[-1] >= num_layers:
             raise ValueError(f"HiA layers {peft_config.layers} do not exist in a {num_layers}-layer language model")
+        if peft_config.layers[-1] == num_layers - 1:
+            # A block edits the image tokens' hidden states; after the last layer nothing reads them again (only the
+            # answer tokens' logits are used), so it would train to nothing and change nothing.
+            raise ValueError(f"HiA layer {num_layers - 1} is the last of the {num_layers} decoder layers: a block "
+                             "there changes nothing (no later layer reads the image tokens); choose earlier layers")
         indices = "|".join(str(layer) for layer in peft_config.layers)
         peft_config.target_modules = rf"^(.*\.)?language_model\.layers\.({indices})$"
         return peft_config
