@@ -366,7 +366,8 @@ class HiAModel(BaseTuner):
             raise ValueError("HiA needs a language model of at least 2 layers: a block acts on the layers after it")
         if peft_config.layers is None:
             # The paper's L/3 and 2L/3, kept off the last layer in very shallow models (see below).
-            peft_config.layers = sorted({min(layer, num_layers - 2) for layer in (num_layers // 3, 2 * num_layers // 3)})
+            paper_layers = (num_layers // 3, 2 * num_layers // 3)
+            peft_config.layers = sorted({min(layer, num_layers - 2) for layer in paper_layers})
         if peft_config.layers[-1] >= num_layers:
             raise ValueError(f"HiA layers {peft_config.layers} do not exist in a {num_layers}-layer language model")
         if peft_config.layers[-1] == num_layers - 1:
