@@ -186,6 +186,8 @@ class QilinModelManager(ModelManager):
 
     # transformers loads the processor, then the model, both under the model's lock; the package loads the two
     # together (the processor's high-resolution size follows the adapter), so the model waits for `_load_model`.
+    # These are private methods of transformers' ModelManager (5.23-5.24): tests/test_serving.py runs on both ends
+    # of the supported range, so a release that renames them fails CI before it is allowed.
     def _load_processor(self, model_id_and_revision: str, gguf_file: str | None = None):
         self._model_of_processor, processor = load_model_and_processor(**self.load_kwargs)
         return processor

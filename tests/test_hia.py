@@ -56,6 +56,17 @@ def test_default_layers_are_l_over_3_and_2l_over_3():
     assert config.base_hidden_size == 64 and config.base_num_layers == 6
 
 
+def test_no_block_after_the_last_decoder_layer():
+    """A block edits the image tokens' hidden states; after the last layer nothing reads them again, so it would
+    train to nothing. The default stays off the last layer in shallow models; asking for it is refused."""
+    assert get_peft_model(tiny_model(num_hidden_layers=3), hia_config()).peft_config["default"].layers == [1]
+    assert get_peft_model(tiny_model(num_hidden_layers=2), hia_config()).peft_config["default"].layers == [0]
+    with pytest.raises(ValueError, match="is the last of the 4 decoder layers"):
+        get_peft_model(tiny_model(), hia_config(layers=[1, 3]))
+    with pytest.raises(ValueError, match="at least 2 layers"):
+        get_peft_model(tiny_model(num_hidden_layers=1), hia_config())
+
+
 def test_new_adapter_is_the_identity(processor, images):
     base = tiny_model()
     inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")

@@ -254,8 +254,13 @@ def test_push_works_from_an_installed_wheel(model_folder, tmp_path):
     import zipfile
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", root, "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist")], check=True, capture_output=True)
+    # Built from a copy: a build writes build/ and *.egg-info next to the sources, and a stale build/ in the checkout
+    # could put deleted modules into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".git", ".venv*", ".ci-venv*", "build", "*.egg-info",
+                                                                "runs", "__pycache__", "node_modules"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("qilin_med_vl-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert {f"qilin_med_vl/model_cards/{name}.md" for name in CARD_REPO_IDS} <= set(archive.namelist())

@@ -209,3 +209,28 @@ def test_a_dicom_data_url_is_read_like_the_dicom_file():
     with open(path, "rb") as file:
         url = "data:application/dicom;base64," + base64.b64encode(file.read()).decode()
     assert np.array_equal(np.asarray(decode_data_url(url)), np.asarray(load_image(path)))
+
+
+def test_responses_api_reads_images_the_same_way(server, expected):
+    """`/v1/responses` (OpenAI's newer API) goes through the same image handling: the same answer as `generate`,
+    and a URL it would have to fetch is refused."""
+    (names, question, _) = REQUESTS[0]
+    content = [{"type": "input_image", "image_url": data_url(DEMO_EXAMPLES_DIR / name)} for name in names]
+    content.append({"type": "input_text", "text": question})
+    body = {"model": SERVED_NAME, "input": [{"role": "user", "content": content}], "max_output_tokens": MAX_TOKENS,
+            "temperature": 0, "stream": False}
+    response = server.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    texts = [part["text"] for item in response.json()["output"] if item.get("type") == "message"
+             for part in item["content"] if part.get("type") == "output_text"]
+    assert "".join(texts).strip() == expected[0]
+    content[0]["image_url"] = "https://example.org/x.png"
+    refused = server.post("/v1/responses", json=body)
+    assert refused.status_code == 400 and "base64 data URLs" in refused.json()["error"]["message"]
+
+
+def test_text_completions_endpoint_answers(server):
+    response = server.post("/v1/completions", json={"model": SERVED_NAME, "prompt": "膝关节", "max_tokens": 4,
+                                                    "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json()["choices"][0]["text"], str)

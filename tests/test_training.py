@@ -94,6 +94,17 @@ def test_multi_turn_hia_samples_end_with_the_question_generation_sees(workspace)
     whole = ConversationCollator(processor, str(workspace))([multi_turn])
     whole_end = find_instruction_end_index(whole["labels"], whole["attention_mask"], whole["labels"].shape, "cpu")
     assert whole_end[0] < instruction_end[1]
+    # A record whose image comes with a later question: its first answer has no image, and the HiA stage (which
+    # trains image paths only) leaves that sample out instead of building a batch without images.
+    late_image = {"id": "late", "images": ["a.png"], "conversations": [
+        {"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好。"},
+        {"from": "human", "value": "<image>\n描述这张图片。"}, {"from": "gpt", "value": "未见异常。"}]}
+    assert [piece["images"] for piece in split_per_answer(late_image)] == [[], ["a.png"]]
+    late_file = workspace / "late.jsonl"
+    late_file.write_text(json.dumps(late_image, ensure_ascii=False) + "\n", encoding="utf-8")
+    hia_samples = ConversationDataset(str(late_file), processor, str(workspace), require_images=True,
+                                      one_sample_per_answer=True)
+    assert [sample["images"] for sample in hia_samples] == [["a.png"]]
     # The dataset splits records for the HiA stage only, and every answer is still learned exactly once.
     plain = ConversationDataset(str(workspace / "train.jsonl"), processor, str(workspace))
     split = ConversationDataset(str(workspace / "train.jsonl"), processor, str(workspace), one_sample_per_answer=True)

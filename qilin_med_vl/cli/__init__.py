@@ -2,7 +2,8 @@
 """The `qilin-med-vl` command line: one module per command.
 
 Each command module has `add_parser(subparsers)`, which adds its subcommand and sets `handler` (a function of the
-parsed arguments returning the exit status). The modules translate arguments into calls of the package's features;
+parsed arguments returning the exit status); `train` parses its own arguments (`train.main`), since it takes every
+`TrainingArguments` flag. The modules translate arguments into calls of the package's features;
 nothing in the package imports this one.
 """
 

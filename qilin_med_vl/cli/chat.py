@@ -61,7 +61,8 @@ def run(args) -> int:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("chat", help="ask about one or more images (PNG, JPEG, DICOM)")
     add_model_arguments(parser, "local folder or Hub repo id of a Qilin-Med-VL model "
-                                "(default: the embedded demo model, with its HiA adapter)")
+                                "(default: the embedded demo model, with its HiA adapter)",
+                        adapter_default="none; the embedded demo model's hia/ when --model is not given")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     parser.add_argument("--frame", type=int, help="frame of multi-frame DICOM images (0-based)")

@@ -5,7 +5,6 @@ import os
 import sys
 
 from ..evaluation.run import evaluate_file
-from ..evaluation.scoring import format_markdown_table
 from ..evaluation.vqa import (
     BENCHMARKS,
     PMC_VQA_INSTRUCTION,
@@ -56,7 +55,7 @@ def run(args) -> int:
     except DataValidationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(format_markdown_table({args.name or "model": scores}))
+    print(format_results_table({args.name or "model": scores}), end="")
     return 0
 
 
@@ -64,7 +63,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="generate answers for a test file and score BLEU-4/METEOR per task"
     )
-    add_model_arguments(parser, "local folder or Hub repo id of the model to evaluate", model_required=True)
+    add_model_arguments(parser, "local folder or Hub repo id of the model to evaluate", model_required=True,
+                        adapter_default="none: the base model")
     parser.add_argument("--data", help="test JSON/JSONL in the training format (or use --benchmark)")
     parser.add_argument("--image-root", default=".")
     parser.add_argument("--output-dir", default="evaluation")

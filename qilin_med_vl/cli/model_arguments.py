@@ -9,11 +9,12 @@ DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_help: str, model_required: bool = False,
-                        quantization_help: str = "", missing_weights: bool = True) -> None:
+                        quantization_help: str = "", missing_weights: bool = True,
+                        adapter_default: str = "hia when the model folder has one") -> None:
     """`--model --adapter --device --dtype --load-in-4bit/--load-in-8bit [--allow-missing-weights]`."""
     parser.add_argument("--model", required=model_required, help=model_help)
     parser.add_argument("--adapter", help='adapter to load: "hia" (the model repo\'s hia/ subfolder) or a folder / '
-                        "repo id (default: hia when the model folder has one)")
+                        f"repo id (default: {adapter_default})")
     parser.add_argument("--device", help='device or device_map, e.g. "cpu", "cuda:0", "auto"')
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype")
     quantization = parser.add_mutually_exclusive_group()

@@ -5,6 +5,7 @@ transformers' own `transformers serve` app."""
 import argparse
 
 from ..serving import QUANTIZATION_CHOICES, serve
+from .model_arguments import DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,9 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--device", default="auto", help='device or device_map, e.g. "cpu", "cuda:0", "auto" '
                         "(default: %(default)s)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    parser.add_argument("--dtype", choices=DTYPES, help="weights dtype")
+    # Spelled as `transformers serve` spells it, since this is its server; the other commands' --load-in-4bit/8bit.
     parser.add_argument("--quantization", choices=QUANTIZATION_CHOICES,
-                        help="bitsandbytes quantization of the language model only")
+                        help="bitsandbytes quantization of the language model only (as in `transformers serve`)")
     parser.add_argument("--allow-missing-weights", action="store_true",
                         help="load a checkpoint whose weights do not match its config (missing ones are random)")
     parser.add_argument("--enable-cors", action="store_true", help="allow requests from any web origin")

@@ -31,9 +31,15 @@ def build_parser(stage: str | None = None, config_file: str | None = None):
     return parser
 
 
+def _renamed(argument: str) -> str:
+    """`--hia-layers` -> `--layers` (also in the `--flag=value` form); anything else unchanged."""
+    flag, equals, value = argument.partition("=")
+    return RENAMED_FLAGS.get(flag, flag) + equals + value
+
+
 def parse_args(argv: list[str]):
     """`(StageArguments, HiAConfig, TrainingArguments)` from the command line."""
-    argv = [RENAMED_FLAGS.get(flag, flag) for flag in argv]
+    argv = [_renamed(argument) for argument in argv]
     given = {flag.split("=")[0].lstrip("-").replace("-", "_") for flag in argv if flag.startswith("--")}
     refused = sorted(given & set(PEFT_BOOKKEEPING))
     if refused:

@@ -34,7 +34,8 @@ def load_caption_metrics(**load_kwargs: Any):
     return evaluate.load(str(CAPTION_METRICS_PATH), **load_kwargs)
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean_or_nan(values: Sequence[float]) -> float:
+    """The mean, or NaN for no values (shown as "-" in tables)."""
     return sum(values) / len(values) if values else float("nan")
 
 
@@ -99,8 +100,8 @@ def score_by_task(
     return {
         "per_task": per_task,
         "average": {
-            "bleu_4": _mean([s["bleu_4"] for s in per_task.values()]),
-            "meteor": _mean([s["meteor"] for s in per_task.values()]),
+            "bleu_4": mean_or_nan([s["bleu_4"] for s in per_task.values()]),
+            "meteor": mean_or_nan([s["meteor"] for s in per_task.values()]),
         },
         "overall": {"bleu_4": out["bleu_4"], "meteor": out["meteor"], "count": len(all_preds)},
     }
@@ -176,7 +177,7 @@ def format_results_table(result: Mapping[str, Any], task_order: Sequence[Any] | 
                 if value is not None:
                     numbers.append(value)
                 cells.append(_format_number(value))
-        cells.append(_format_number(_mean(numbers)))
+        cells.append(_format_number(mean_or_nan(numbers)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -191,6 +192,6 @@ def combine_results(*results: Mapping[str, Any]) -> dict:
             if task in per_task:
                 raise ValueError(f"task {task!r} is in two results")
             per_task[task] = scores
-    average = {metric: _mean([scores[metric] for scores in per_task.values() if metric in scores])
+    average = {metric: mean_or_nan([scores[metric] for scores in per_task.values() if metric in scores])
                for metric in METRIC_COLUMNS if any(metric in scores for scores in per_task.values())}
     return {"per_task": per_task, "average": average}

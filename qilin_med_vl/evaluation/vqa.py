@@ -85,6 +85,7 @@ import json
 import os
 import sys
 
+from .scoring import combine_results, format_results_table
 from .vqa_data import (
     BENCHMARKS,
     PMC_VQA_INSTRUCTION,
@@ -100,9 +101,7 @@ from .vqa_scoring import (
     VQASample,
     answer_polarity,
     answer_tokens,
-    combine_results,
     extract_choice,
-    format_results_table,
     normalize_answer,
     score_closed,
     score_open,

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .scoring import METRIC_COLUMNS, combine_results, format_results_table  # noqa: F401  (re-exported)
+from .scoring import mean_or_nan
 from .tokenization import normalize_text, tokenize_zh
 
 CHOICE_LETTERS = "ABCD"
@@ -174,10 +174,6 @@ def score_sample(sample: VQASample, prediction: Any) -> dict:
 METRIC_OF_KIND = {"choice": "accuracy", "closed": "accuracy", "open": "recall"}
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
 def score_vqa(rows: Iterable[Mapping[str, Any]]) -> dict:
     """Aggregate scored rows (`task`, `kind`, `score` in [0, 1], optional `extraction`) into the result format of
     `score_by_task`, ×100:
@@ -201,13 +197,13 @@ def score_vqa(rows: Iterable[Mapping[str, Any]]) -> dict:
         raise ValueError("score_vqa needs at least one scored row")
     per_task = {}
     for task, group in groups.items():
-        per_task[task] = {group["metric"]: 100 * _mean(group["scores"]), "count": len(group["scores"])}
+        per_task[task] = {group["metric"]: 100 * mean_or_nan(group["scores"]), "count": len(group["scores"])}
         if group["extraction"]:
             per_task[task]["extraction"] = dict(group["extraction"].most_common())
     metrics = [metric for metric in ("accuracy", "recall") if metric in by_metric]
-    average = {metric: _mean([scores[metric] for scores in per_task.values() if metric in scores])
+    average = {metric: mean_or_nan([scores[metric] for scores in per_task.values() if metric in scores])
                for metric in metrics}
-    overall = {metric: 100 * _mean(by_metric[metric]) for metric in metrics}
+    overall = {metric: 100 * mean_or_nan(by_metric[metric]) for metric in metrics}
     overall["count"] = sum(len(values) for values in by_metric.values())
     return {"per_task": per_task, "average": average, "overall": overall}
 

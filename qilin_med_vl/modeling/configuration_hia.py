@@ -29,7 +29,8 @@ class HiAConfig(PeftConfig):
 
     layers: list[int] | None = field(
         default=None,
-        metadata={"help": "Decoder layers (0-based) after which HiA acts. Default: [L // 3, 2 * L // 3]."},
+        metadata={"help": "Decoder layers (0-based) after which HiA acts, never the last one (no later layer would "
+                          "read what it changes). Default: [L // 3, 2 * L // 3], kept below L - 1."},
     )
     num_queries: int = field(default=256, metadata={"help": "Learnable instruction-aware queries M per image."})
     num_heads: int = field(default=8, metadata={"help": "Attention heads of the extractor and injection blocks."})

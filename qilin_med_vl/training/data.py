@@ -149,6 +149,10 @@ class ConversationDataset(torch.utils.data.Dataset):
                     logger.warning("dropping %s (never truncated inside an image)", message)
                 records = [r for i, r in enumerate(records) if i not in report.too_long_indices]
             logger.info("training data:\n%s", report.summary())
+        if one_sample_per_answer:
+            # Before the image filter: the first answers of a record whose image comes in a later question have
+            # no image.
+            records = [piece for record in records for piece in split_per_answer(record)]
         if require_images:
             # Stages that train only image paths (the projector, HiA) learn nothing from text-only records, and a
             # batch of them would have no gradient at all.
@@ -157,8 +161,6 @@ class ConversationDataset(torch.utils.data.Dataset):
                 logger.warning("dropping %d record(s) without images: this stage trains only on images",
                                len(records) - len(kept))
             records = kept
-        if one_sample_per_answer:
-            records = [piece for record in records for piece in split_per_answer(record)]
         self.records = records
 
     def __len__(self):

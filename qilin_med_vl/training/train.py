@@ -155,7 +155,8 @@ def _init_deepspeed_comm(training_args: TrainingArguments) -> None:
     inside `deepspeed.zero.Init`, which reads the world size from `deepspeed.comm`. accelerate initialises
     `deepspeed.comm` for accelerator processes, but on CPU processes (`--use-cpu`, gloo) it only starts
     `torch.distributed`: zero.Init then sees one process and refuses the batch size the Trainer computed for all of
-    them ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 1 * 1 * 1")."""
+    them ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 2 != 1 * 1 * 1").
+    Where accelerate has started it (GPUs), this does nothing."""
     if not training_args.deepspeed or not torch.distributed.is_initialized():
         return
     import deepspeed
@@ -188,7 +189,8 @@ def train(args: StageArguments, hia_config: HiAConfig, training_args: TrainingAr
     dataset = ConversationDataset(args.data, processor, **data_options)
     eval_dataset = ConversationDataset(args.eval_data, processor, **data_options) if args.eval_data else None
     if args.validate_only:
-        print(f"{len(dataset)} training records are valid")
+        unit = "samples (one per answer)" if per_answer else "records"
+        print(f"{len(dataset)} training {unit} are valid")
         return 0
 
     _init_deepspeed_comm(training_args)
