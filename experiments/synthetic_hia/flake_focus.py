@@ -6,7 +6,7 @@ Starts from the warmed encoder (`vision_high.pt`), fine-tunes it on the flake ch
 `--pos-weight` + BCE on the max over cells), batches of half flake images (a crop around the flake with probability
 0.9) and half normal images, 320-px crops on the stride grid, and logs the validation AUC (max-pooled flake score,
 small / large flakes against normal images) every `--eval-every` steps. Writes `flake_focus.pt` and
-`flake_focus.json`; nothing downstream reads them.
+`flake_focus.json` (`--name`); nothing downstream reads them.
 """
 
 import argparse
@@ -32,6 +32,7 @@ def main():
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--pos-weight", type=float, default=10.0)
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--name", default="flake_focus", help="output files: <name>.pt, <name>.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     run = Path(args.run)
@@ -84,8 +85,8 @@ def main():
             history.append({"step": step, **dp.flake_auc(probe, validation)})
             dp.log(history[-1])
             probe.train()
-    torch.save(probe.state_dict(), run / "flake_focus.pt")
-    (run / "flake_focus.json").write_text(json.dumps(history, indent=2) + "\n")
+    torch.save(probe.state_dict(), run / f"{args.name}.pt")
+    (run / f"{args.name}.json").write_text(json.dumps(history, indent=2) + "\n")
 
 
 if __name__ == "__main__":
