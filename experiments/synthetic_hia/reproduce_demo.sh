@@ -53,6 +53,9 @@ hia HiA_wo_HR & { evaluate HiA "$RUN/base" "$RUN/HiA" test; evaluate HiA "$RUN/b
 hia HiA_wo_IA & { evaluate HiA_wo_HR "$RUN/base" "$RUN/HiA_wo_HR" test
   [ -f "$RUN/pointing.json" ] || stage pointing > "$RUN/logs/pointing.log" 2>&1; } & wait
 evaluate HiA_wo_IA "$RUN/base" "$RUN/HiA_wo_IA" test
-# 5. tables: BLEU-4/METEOR per task, finding-level accuracy, controls, pointing game (test; validation for the choice)
+# 5. diagnostic (12 min; DIAGNOSTICS=0 skips it): the flake-only fine-tune for 1,500 steps at lr 1e-3
+[ "${DIAGNOSTICS:-1}" = 0 ] || [ -f "$RUN/flake_focus_1500.json" ] || "$PY" "$HERE/flake_focus.py" --run "$RUN" --steps 1500 \
+  --lr 1e-3 --eval-every 250 --name flake_focus_1500 > "$RUN/logs/flake-focus-1500.log" 2>&1
+# 6. tables: BLEU-4/METEOR per task, finding-level accuracy, controls, pointing game (test; validation for the choice)
 "$PY" "$HERE/analyze.py" "$RUN" validation > "$RUN/logs/analyze-validation.log"
 "$PY" "$HERE/analyze.py" "$RUN"
