@@ -66,7 +66,8 @@ SUMMARY_ROWS = [
 
 def main(run_dir: str, split: str = "test") -> None:
     run = Path(run_dir)
-    records = {r["id"]: r for r in map(json.loads, (run / "data" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines())}
+    lines_of_split = (run / "data" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    records = {r["id"]: r for r in map(json.loads, lines_of_split)}
     evaluations = run / ("eval" if split == "test" else f"eval_{split}")
     suffix = "" if split == "test" else f"_{split}"
     extra = sorted(p.name for p in evaluations.iterdir() if p.is_dir() and p.name not in VARIANTS) \

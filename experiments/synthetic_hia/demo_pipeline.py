@@ -336,7 +336,9 @@ def train_high_vision(args):
         index = []
         for i in range(args.batch_size):
             pool = (None, normals, others)[i % 3]
-            index.append(flake_image() if pool is None else rng.choice(pool if len(pool) else np.arange(len(train.kinds))))
+            if pool is not None and not len(pool):
+                pool = np.arange(len(train.kinds))
+            index.append(flake_image() if pool is None else rng.choice(pool))
         crops, dense, kinds = [], [], []
         for i in index:
             boxes = [b for b, k in zip(train.boxes[i], train.kinds[i]) if k > 0]
@@ -387,7 +389,8 @@ def flake_auc(probe, split):
 def auc_score(positive, negative):
     if not len(positive) or not len(negative):
         return float("nan")
-    return float((positive[:, None] > negative[None, :]).mean() + 0.5 * (positive[:, None] == negative[None, :]).mean())
+    above = (positive[:, None] > negative[None, :]).mean()
+    return float(above + 0.5 * (positive[:, None] == negative[None, :]).mean())
 
 
 # --- controls -------------------------------------------------------------------------------------------------------

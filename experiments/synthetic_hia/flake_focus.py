@@ -14,11 +14,10 @@ import json
 import time
 from pathlib import Path
 
+import demo_pipeline as dp
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-import demo_pipeline as dp
 
 torch.set_num_threads(1)
 
@@ -79,7 +78,8 @@ def main():
         torch.nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
         optimizer.step()
         if step % 25 == 0:
-            dp.log(f"flake-focus step {step}/{args.steps} loss {loss.item():.4f} {(time.time() - start) / 25:.2f} s/step")
+            seconds = (time.time() - start) / 25
+            dp.log(f"flake-focus step {step}/{args.steps} loss {loss.item():.4f} {seconds:.2f} s/step")
             start = time.time()
         if step % args.eval_every == 0:
             history.append({"step": step, **dp.flake_auc(probe, validation)})
