@@ -43,3 +43,12 @@ def test_a_visible_finding_is_named(demo):
     answer = generate_report(model, processor, [str(DEMO_EXAMPLES_DIR / record["images"][0])], question,
                              max_new_tokens=16)
     assert record["meta"]["disease_name"] in answer
+
+
+def test_the_shipped_adapter_names_no_local_base_path():
+    from qilin_med_vl.demo import DEMO_MODEL_DIR
+
+    config = json.loads((DEMO_MODEL_DIR / "hia" / "adapter_config.json").read_text("utf-8"))
+    base = config.get("base_model_name_or_path")
+    # nothing, or a Hub repo id ("owner/name"): never a path of the machine the adapter was trained on
+    assert base is None or (base.count("/") == 1 and not base.startswith(("/", ".", "~")) and "\\" not in base), base

@@ -3,10 +3,13 @@ the right location, the right change? Broken down by finding (small flakes are t
 cannot see), summarised in the rows the demo model is held to, with the vision-only controls and the pointing game
 when the run has them (`demo_pipeline.py controls` / `pointing`).
 
-    python experiments/synthetic_hia/analyze.py runs/demo
+    python experiments/synthetic_hia/analyze.py runs/demo                 # test split: eval/
+    python experiments/synthetic_hia/analyze.py runs/demo validation      # validation split: eval_validation/
 
-Reads `data/test.jsonl` (its `meta` labels) and `eval/<variant>/predictions.jsonl` (+ `scores.json`,
-`controls.md`, `pointing.json`); writes `analysis.md` and `results.md`.
+Reads `data/<split>.jsonl` (its `meta` labels) and `eval/<variant>/predictions.jsonl` (`eval_<split>/` for a split
+other than test; + `scores.json`, `controls.md`, `pointing.json`); writes `analysis.md` and `results.md`
+(`analysis_<split>.md`, `results_<split>.md`). Variants: base, HiA and its ablations, then any other folder there
+(e.g. `shipped_base`, `shipped_HiA`: the model shipped before, for the choice on validation).
 """
 
 import json
@@ -61,13 +64,18 @@ SUMMARY_ROWS = [
 ]
 
 
-def main(run_dir: str) -> None:
+def main(run_dir: str, split: str = "test") -> None:
     run = Path(run_dir)
-    records = {r["id"]: r for r in map(json.loads, (run / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines())}
+    lines_of_split = (run / "data" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    records = {r["id"]: r for r in map(json.loads, lines_of_split)}
+    evaluations = run / ("eval" if split == "test" else f"eval_{split}")
+    suffix = "" if split == "test" else f"_{split}"
+    extra = sorted(p.name for p in evaluations.iterdir() if p.is_dir() and p.name not in VARIANTS) \
+        if evaluations.is_dir() else []
     table = defaultdict(dict)
     summary = defaultdict(dict)
-    for variant in VARIANTS:
-        path = run / "eval" / variant / "predictions.jsonl"
+    for variant in VARIANTS + extra:
+        path = evaluations / variant / "predictions.jsonl"
         if not path.exists():
             continue
         counts = defaultdict(lambda: [0, 0])
@@ -83,7 +91,7 @@ def main(run_dir: str) -> None:
             if chosen:
                 right, total = sum(c[0] for c in chosen), sum(c[1] for c in chosen)
                 summary[name][variant] = f"{100 * right / total:.0f} ({total})"
-    variants = [v for v in VARIANTS if any(v in row for row in table.values())]
+    variants = [v for v in VARIANTS + extra if any(v in row for row in table.values())]
     lines = ["| task | finding | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
     for (task, finding) in sorted(table):
         lines.append(f"| {task} | {finding} | " + " | ".join(table[(task, finding)].get(v, "-") for v in variants) + " |")
@@ -91,7 +99,7 @@ def main(run_dir: str) -> None:
     for name, _, _ in SUMMARY_ROWS:
         if name in summary:
             rows.append(f"| {name} | " + " | ".join(summary[name].get(v, "-") for v in variants) + " |")
-    text = ("## Summary: finding-level accuracy on the test split, % (count)\n\n" + "\n".join(rows) + "\n\n"
+    text = (f"## Summary: finding-level accuracy on the {split} split, % (count)\n\n" + "\n".join(rows) + "\n\n"
             "## Finding-level accuracy by task and finding, % (count)\n\n" + "\n".join(lines) + "\n")
     if (run / "controls.md").is_file():
         text += "\n## Vision-only controls\n" + (run / "controls.md").read_text(encoding="utf-8")
@@ -104,18 +112,18 @@ def main(run_dir: str) -> None:
             ratio = row["attention_in_box"] / max(row["box_share_of_grid"], 1e-9)
             text += (f"| {key} | {row['images']} | {row['attention_in_box']:.3f} | {row['box_share_of_grid']:.3f} | "
                      f"{ratio:.1f}x | {100 * row['argmax_in_box']:.0f} % |\n")
-    (run / "analysis.md").write_text(text, encoding="utf-8")
+    (run / f"analysis{suffix}.md").write_text(text, encoding="utf-8")
     scores = {v.replace("_", " ").replace("HiA", "+HiA").replace("wo", "w/o"): json.loads(
-        (run / "eval" / v / "scores.json").read_text(encoding="utf-8")) for v in variants
-        if (run / "eval" / v / "scores.json").is_file()}
+        (evaluations / v / "scores.json").read_text(encoding="utf-8")) for v in variants
+        if (evaluations / v / "scores.json").is_file()}
     if scores:
         from qilin_med_vl.evaluation import format_markdown_table
 
-        (run / "results.md").write_text(format_markdown_table(
+        (run / f"results{suffix}.md").write_text(format_markdown_table(
             scores, task_order=["description", "disease", "location", "comparative"]) + "\n", encoding="utf-8")
-        print((run / "results.md").read_text(encoding="utf-8"))
+        print((run / f"results{suffix}.md").read_text(encoding="utf-8"))
     print(text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/synthetic")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/synthetic", sys.argv[2] if len(sys.argv) > 2 else "test")

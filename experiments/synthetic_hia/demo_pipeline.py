@@ -7,8 +7,9 @@ long loops also checkpoint every `--save-every` steps):
 
     vision      the CLIP tower alone at 112 px: a dense lesion map (per patch token and finding kind, BCE with
                 pos_weight 20) plus image-level finding kinds (max over tokens), flips and exposure jitter;
-    hr-encoder  HiA's high-resolution encoder alone at 672 px on 224-px crops, the same dense + image-level loss,
-                batches of 1/3 flake images, 1/3 normal images (hard negatives), 1/3 others;
+    hr-encoder  HiA's high-resolution encoder alone at 672 px on 320-px crops placed on its stride grid, the same
+                dense + image-level loss, batches of 1/3 flake images, 1/3 normal images (hard negatives), 1/3
+                others, half the finding images' crops random (often finding-free), flakes large-to-small;
     controls    vision-only accuracy by finding and lesion size on validation and test, low vs high resolution;
     controls-auc  the same without a threshold: AUC of each finding against normal images (validation);
     features    the warmed encoder's grid features at 672 px and at 112 px (the "w/o HR" input) of the first
@@ -188,17 +189,24 @@ class LowResProbe(nn.Module):
 
 
 class HighResProbe(nn.Module):
-    def __init__(self, encoder, hidden):
+    def __init__(self, encoder, hidden, channels_last=False):
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(hidden, NUM_KINDS)
+        self.channels_last = channels_last
+        if channels_last:  # about 1.4x faster convolutions on CPU; the same weights and state dict
+            self.encoder.to(memory_format=torch.channels_last)
 
     def forward(self, pixel_values):
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         features, (gh, gw) = self.encoder(pixel_values, return_grid_size=True)
         return self.head(features).transpose(1, 2).reshape(len(features), NUM_KINDS, gh, gw)
 
 
 def probe_loss(logits, dense_target, kinds_target, pos_weight=20.0):
+    """Dense BCE on the lesion map (positive cells weighted `pos_weight`) plus BCE on the image-level kinds from
+    the max over cells, the pooling every control and prediction uses."""
     dense = F.binary_cross_entropy_with_logits(logits, dense_target,
                                                pos_weight=torch.full((NUM_KINDS, 1, 1), pos_weight))
     pooled = logits.flatten(2).amax(-1)  # (N, NUM_KINDS): is there a finding of this kind anywhere
@@ -233,11 +241,25 @@ def train_low_vision(args):
     train = Split(run / "data", "train", load_high=False)
     model = init_model(run)
     probe = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.05)
+    trained = probe.parameters()
+    if args.tower_from:
+        # A tower this stage already warmed up, taken from a model that kept it frozen afterwards (the shipped demo
+        # model: 2,500 steps on this seed's training split); only the lesion-map head, which the controls read, is
+        # fitted here, on the frozen tower.
+        from qilin_med_vl.modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
+
+        source = QilinMedVLForConditionalGeneration.from_pretrained(args.tower_from).model.vision_tower
+        probe.tower.load_state_dict(source.state_dict())
+        probe.tower.requires_grad_(False)
+        trained = probe.head.parameters()
+        log(f"vision-low: tower from {args.tower_from}, fitting the head only")
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.05)
     ckpt = run / "vision_low.ckpt"
     step = load_checkpoint(ckpt, {"probe": probe}, optimizer)
     rng = np.random.default_rng(1000 + step)
     probe.train()
+    if args.tower_from:
+        probe.tower.eval()
     n = len(train.low)
 
     def compute_loss():
@@ -250,10 +272,10 @@ def train_low_vision(args):
         grid = 112 // 14
         dense = torch.stack([lesion_map(train.boxes[i], train.kinds[i], grid, flip=f) for i, f in zip(index, flip)])
         kinds = torch.stack([image_kinds(train.kinds[i]) for i in index])
-        return probe_loss(probe(normalise(images, gain, offset)), dense, kinds)
+        return probe_loss(probe(normalise(images, gain, offset)), dense, kinds, args.pos_weight)
 
-    run_steps("vision-low", args, step, optimizer, list(probe.parameters()), ckpt, {"probe": probe}, compute_loss,
-              log_every=50)
+    run_steps("vision-low", args, step, optimizer, [p for p in probe.parameters() if p.requires_grad], ckpt,
+              {"probe": probe}, compute_loss, log_every=50)
     torch.save(probe.state_dict(), out)
 
 
@@ -266,51 +288,109 @@ def build_encoder():
 
 
 def train_high_vision(args):
+    """HiA's encoder alone at 672 px on `--crop`-px crops (a multiple of the encoder's stride 32, placed on the
+    stride grid, so a crop's cells are the full image's cells). Every batch: 1/3 flake images, 1/3 normal images
+    (hard negatives), 1/3 others; a finding image gives a crop around one of its findings with probability
+    `--find-prob`, otherwise a random one (often finding-free: more hard negatives, as many cells per image as the
+    full 21 x 21 grid has in a 2 x 2 block). Flakes follow a large-to-small curriculum: over the first
+    `--curriculum` of the steps the share of large flakes among flake draws falls from 1 to its share in the data.
+    With `--eval-every`, the validation AUC (small / large flakes against normal images, max-pooled flake score on
+    the full 672-px views, as `controls-auc` computes it) is logged while training."""
     run = Path(args.run)
     out = run / "vision_high.pt"
     if out.is_file():
         return
     train = Split(run / "data", "train")
-    probe = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"])
+    probe = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"], channels_last=True)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.05)
     ckpt = run / "vision_high.ckpt"
     step = load_checkpoint(ckpt, {"probe": probe}, optimizer)
     rng = np.random.default_rng(2000 + step)
     has = lambda k: np.array([(kinds == k).any() for kinds in train.kinds])  # noqa: E731
     flakes = np.flatnonzero(has(1))
+    large = np.array([any(f["kind"] == "flake" and f.get("size_class") == "large"
+                          for f in train.records[train.record[i]]["meta"]["findings"][train.view[i]]) for i in flakes])
+    large_flakes, small_flakes = flakes[large], flakes[~large]
     normals = np.flatnonzero((train.kinds == 0).all(1))
     others = np.flatnonzero(~has(1) & ~(train.kinds == 0).all(1))
-    size, crop = 672, args.crop
+    size, crop, stride = 672, args.crop, 32
+    assert crop % stride == 0 and crop <= size, "--crop must be a multiple of 32 and at most 672"
     scale = size / REFERENCE
-    probe.train()
+    slots = (size - crop) // stride  # crop origins on the stride grid: 0, 32, ..., slots * 32
+    validation = None
+    if args.eval_every and (run / "data" / "cache" / "validation.npz").is_file():
+        validation = Split(run / "data", "validation")
+    counter = {"step": step}
+    log(f"hr-encoder: {len(small_flakes)} small-flake, {len(large_flakes)} large-flake, {len(normals)} normal, "
+        f"{len(others)} other training images; crop {crop}, find-prob {args.find_prob}, "
+        f"curriculum {args.curriculum}, pos_weight {args.pos_weight}")
+
+    def flake_image():
+        share = len(large_flakes) / max(1, len(flakes))
+        if args.curriculum > 0:
+            share = max(share, 1.0 - counter["step"] / (args.curriculum * args.steps))
+        pool = large_flakes if (rng.uniform() < share and len(large_flakes)) or not len(small_flakes) else small_flakes
+        return rng.choice(pool)
 
     def compute_loss():
-        pools = [pool if len(pool) else np.arange(len(train.kinds)) for pool in (flakes, normals, others)]
-        index = np.array([rng.choice(pools[i % 3]) for i in range(args.batch_size)])
+        index = []
+        for i in range(args.batch_size):
+            pool = (None, normals, others)[i % 3]
+            if pool is not None and not len(pool):
+                pool = np.arange(len(train.kinds))
+            index.append(flake_image() if pool is None else rng.choice(pool))
         crops, dense, kinds = [], [], []
         for i in index:
             boxes = [b for b, k in zip(train.boxes[i], train.kinds[i]) if k > 0]
-            if boxes and rng.uniform() < 0.8:  # a crop holding (a part of) a finding
+            if boxes and rng.uniform() < args.find_prob:  # a crop holding (a part of) a finding
                 x0, y0, x1, y1 = np.array(boxes[rng.integers(len(boxes))]) * scale
                 cx, cy = rng.uniform(x0, x1), rng.uniform(y0, y1)
-                ox = int(np.clip(cx - rng.uniform(0.15, 0.85) * crop, 0, size - crop))
-                oy = int(np.clip(cy - rng.uniform(0.15, 0.85) * crop, 0, size - crop))
+                ox = cx - rng.uniform(0.1, 0.9) * crop
+                oy = cy - rng.uniform(0.1, 0.9) * crop
+                ox, oy = (int(np.clip(round(v / stride), 0, slots)) * stride for v in (ox, oy))
             else:
-                ox, oy = (int(v) for v in rng.integers(0, size - crop + 1, 2))
+                ox, oy = (int(v) * stride for v in rng.integers(0, slots + 1, 2))
             crops.append(train.high[i, oy : oy + crop, ox : ox + crop])
-            target = lesion_map(train.boxes[i], train.kinds[i], crop // 32, origin=(ox / scale, oy / scale),
+            target = lesion_map(train.boxes[i], train.kinds[i], crop // stride, origin=(ox / scale, oy / scale),
                                 extent=crop / scale)
             dense.append(target)
             kinds.append(target.flatten(1).amax(-1))
+        counter["step"] += 1
         flip = torch.from_numpy(rng.uniform(size=args.batch_size) < 0.5)
         crops, dense = torch.stack(crops), torch.stack(dense)
         crops[flip], dense[flip] = crops[flip].flip(-1), dense[flip].flip(-1)
         gain = torch.from_numpy(rng.uniform(0.9, 1.1, args.batch_size)).float()
         offset = torch.from_numpy(rng.uniform(-0.05, 0.05, args.batch_size)).float()
-        return probe_loss(probe(normalise(crops, gain, offset)), dense, torch.stack(kinds))
+        loss = probe_loss(probe(normalise(crops, gain, offset)), dense, torch.stack(kinds), args.pos_weight)
+        if validation is not None and counter["step"] % args.eval_every == 0:
+            auc = flake_auc(probe, validation)
+            log(f"vision-high step {counter['step']} validation AUC flake vs normal: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
+            probe.train()
+        return loss
 
     run_steps("vision-high", args, step, optimizer, list(probe.parameters()), ckpt, {"probe": probe}, compute_loss)
     torch.save(probe.state_dict(), out)
+
+
+def flake_auc(probe, split):
+    """Validation AUC of the max-pooled flake score, small / large flake images against normal images."""
+    keys = [split.finding_key(i) for i in range(len(split.low))]
+    chosen = [i for i, k in enumerate(keys) if k in ("normal", "flake (small)", "flake (large)")]
+    pooled = probe_predictions(probe, split.high[chosen], 16).flatten(2).amax(-1)[:, 0].numpy()
+    normal = np.array([p for p, i in zip(pooled, chosen) if keys[i] == "normal"])
+    result = {}
+    for key in ("flake (small)", "flake (large)"):
+        positive = np.array([p for p, i in zip(pooled, chosen) if keys[i] == key])
+        result[key] = auc_score(positive, normal)
+    return result
+
+
+def auc_score(positive, negative):
+    if not len(positive) or not len(negative):
+        return float("nan")
+    above = (positive[:, None] > negative[None, :]).mean()
+    return float(above + 0.5 * (positive[:, None] == negative[None, :]).mean())
 
 
 # --- controls -------------------------------------------------------------------------------------------------------
@@ -328,9 +408,9 @@ def controls(args):
     model = init_model(run)
     low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
     low.load_state_dict(torch.load(run / "vision_low.pt"))
-    high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"])
+    high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"], channels_last=True)
     high.load_state_dict(torch.load(run / "vision_high.pt"))
-    rows, results = {}, {}
+    rows, results, validation_logits = {}, {}, {}
     for split_name in ("validation", "test"):
         split = Split(run / "data", split_name)
         # 0 for a normal image, the kind for one finding, -1 (left out) for two (an implant with another finding)
@@ -338,6 +418,8 @@ def controls(args):
         keys = [split.finding_key(i) for i in range(len(split.low))]
         for name, probe, images in (("low 112 (CLIP tower)", low, split.low), ("high 672 (HiA encoder)", high, split.high)):
             logits = probe_predictions(probe, images, 16 if "high" in name else 64)
+            if split_name == "validation":  # reused by controls-auc
+                validation_logits[name] = logits
             predicted = predict_kind(logits)
             table = {}
             for key in sorted(set(keys)):
@@ -358,6 +440,7 @@ def controls(args):
     text = "\n".join(lines) + "\n"
     (run / "controls.md").write_text(text, encoding="utf-8")
     (run / "controls.json").write_text(json.dumps({f"{s}/{m}": t for (s, m), t in results.items()}, indent=2))
+    torch.save(validation_logits, run / "controls_validation_logits.pt")
     print(text)
 
 
@@ -365,26 +448,31 @@ def controls_auc(args):
     """Threshold-free control on validation: AUC of each kind's pooled score, images of that finding against normal
     images (0.5 = blind). Catches a probe that fires on every image, which the thresholded table counts as right."""
     run = Path(args.run)
-    model = init_model(run)
-    low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
-    low.load_state_dict(torch.load(run / "vision_low.pt"))
-    high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"])
-    high.load_state_dict(torch.load(run / "vision_high.pt"))
+    cached = run / "controls_validation_logits.pt"  # written by `controls`: the same probes on the same images
+    if cached.is_file():
+        logits = torch.load(cached)
+    else:
+        model = init_model(run)
+        low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
+        low.load_state_dict(torch.load(run / "vision_low.pt"))
+        high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"], channels_last=True)
+        high.load_state_dict(torch.load(run / "vision_high.pt"))
     split = Split(run / "data", "validation")
+    if not cached.is_file():
+        logits = {"low 112 (CLIP tower)": probe_predictions(low, split.low, 64),
+                  "high 672 (HiA encoder)": probe_predictions(high, split.high, 16)}
     keys = [split.finding_key(i) for i in range(len(split.low))]
     findings = [("flake (small)", 1), ("flake (large)", 1), ("fracture", 2), ("osteophyte", 3), ("narrowing", 4),
                 ("implant", 5)]
     lines = ["| model | " + " | ".join(k for k, _ in findings) + " |", "|---" * (len(findings) + 1) + "|"]
     table = {}
-    for name, probe, images in (("low 112 (CLIP tower)", low, split.low), ("high 672 (HiA encoder)", high, split.high)):
-        pooled = probe_predictions(probe, images, 16 if "high" in name else 64).flatten(2).amax(-1)
-        normal = np.array([pooled[i] .numpy() for i, k in enumerate(keys) if k == "normal"])
+    for name in ("low 112 (CLIP tower)", "high 672 (HiA encoder)"):
+        pooled = logits[name].flatten(2).amax(-1)
+        normal = np.array([pooled[i].numpy() for i, k in enumerate(keys) if k == "normal"])
         row = {}
         for key, kind in findings:
             positive = np.array([float(pooled[i, kind - 1]) for i, k in enumerate(keys) if k == key])
-            negative = normal[:, kind - 1]
-            row[key] = float((positive[:, None] > negative[None, :]).mean()
-                             + 0.5 * (positive[:, None] == negative[None, :]).mean())
+            row[key] = auc_score(positive, normal[:, kind - 1])
         table[name] = row
         lines.append(f"| {name} | " + " | ".join(f"{row[k]:.2f}" for k, _ in findings) + " |")
     text = ("\nVision-only AUC on validation (each finding's images against the normal ones, by that kind's pooled "
@@ -404,7 +492,7 @@ FEATURE_RECORDS = 1000
 def cache_features(args):
     run = Path(args.run)
     encoder = build_encoder()
-    probe = HighResProbe(encoder, HIA_KWARGS["hidden_size"])
+    probe = HighResProbe(encoder, HIA_KWARGS["hidden_size"], channels_last=True)
     probe.load_state_dict(torch.load(run / "vision_high.pt"))
     encoder.eval()
     for split_name in ("train",):
@@ -689,8 +777,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--crop", type=int, default=224, help="hr-encoder: training crop side at 672 px")
+    parser.add_argument("--crop", type=int, default=320, help="hr-encoder: training crop side at 672 px (x 32)")
+    parser.add_argument("--find-prob", type=float, default=0.5,
+                        help="hr-encoder: chance that a finding image gives a crop around a finding")
+    parser.add_argument("--curriculum", type=float, default=0.3,
+                        help="hr-encoder: fraction of the steps over which flakes go from large only to all sizes")
+    parser.add_argument("--pos-weight", type=float, default=20.0, help="vision stages: dense BCE positive weight")
+    parser.add_argument("--eval-every", type=int, default=0, help="hr-encoder: log validation flake AUC every N steps")
     parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--tower-from", default=None,
+                        help="vision: take the CLIP tower from this saved model (frozen) and fit the head only")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = parser.parse_args(argv)
     torch.manual_seed(0)

@@ -6,41 +6,56 @@
 #
 # Every stage skips itself when its output exists and the long loops checkpoint, so rerunning resumes a killed run.
 # Step counts and learning rates were fixed before looking at the test split (see results/analysis.md).
+#
+# TOWER: where the 112-px CLIP tower comes from. Default: the shipped demo model's tower (the `vision` stage's
+# 2,500 steps on this seed's training split, frozen ever since), of which only the lesion-map head is refitted for
+# the controls; TOWER=scratch trains it here (2,500 steps, about 20-35 min more on 2 shared cores).
+# COMPARE_WITH: a previously shipped demo model folder, evaluated on the validation split next to the new one.
 set -euo pipefail
 RUN=${1:-runs/demo}
 PY=${PYTHON:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
+TOWER=${TOWER:-$HERE/../../qilin_med_vl/demo_model}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 mkdir -p "$RUN/logs"
 stage() { "$PY" "$HERE/demo_pipeline.py" "$@" --run "$RUN"; }
-evaluate() {  # name, adapter (or "")
-  [ -f "$RUN/eval/$1/scores.json" ] && return 0
-  "$PY" -m qilin_med_vl.cli evaluate --model "$RUN/base" ${2:+--adapter "$2"} --data "$RUN/data/test.jsonl" \
-    --image-root "$RUN/data" --output-dir "$RUN/eval/$1" --batch-size 16 --max-new-tokens 96 --name "$1" \
-    > "$RUN/logs/evaluate-$1.log" 2>&1
+evaluate() {  # name, model, adapter (or ""), split
+  local out="$RUN/eval/$1"; [ "$4" = test ] || out="$RUN/eval_$4/$1"
+  [ -f "$out/scores.json" ] && return 0
+  "$PY" -m qilin_med_vl.cli evaluate --model "$2" ${3:+--adapter "$3"} --data "$RUN/data/$4.jsonl" \
+    --image-root "$RUN/data" --output-dir "$out" --batch-size 16 --max-new-tokens 96 --name "$1" \
+    > "$RUN/logs/evaluate-$4-$1.log" 2>&1
 }
+hia() { stage hia --variants "$1" --steps 600 --batch-size 12 --lr 1e-3 > "$RUN/logs/hia-$1.log" 2>&1; }
 
 # 1. data: rendered once, cached as uint8 views (seed 1: a fresh test split)
 [ -n "${SKIP_DATA:-}" ] || [ -f "$RUN/data/cache/test.npz" ] || "$PY" "$HERE/data_cache.py" --output "$RUN/data" --seed 1 --train 2400 \
   --validation 200 --test 400 --workers 2 > "$RUN/logs/data.log" 2>&1
-# 2. vision warm-up: CLIP tower at 112 px and HiA's encoder at 672 px, in parallel
-stage vision --steps 2500 --batch-size 32 --lr 1e-3 > "$RUN/logs/vision.log" 2>&1 &
-stage hr-encoder --steps 400 --batch-size 16 --crop 160 --lr 1e-3 > "$RUN/logs/hr-encoder.log" 2>&1 &
+# 2. the 112-px tower (then the language model on it, frozen)  ||  HiA's encoder at 672 px: 320-px crops on the
+#    stride grid, normal images and finding-free crops as hard negatives, large-to-small flake curriculum
+{ if [ "$TOWER" = scratch ]; then stage vision --steps 2500 --batch-size 32 --lr 1e-3 > "$RUN/logs/vision.log" 2>&1
+  else stage vision --tower-from "$TOWER" --steps 300 --batch-size 32 --lr 1e-2 > "$RUN/logs/vision.log" 2>&1; fi
+  stage base --steps 1200 --batch-size 12 --lr 1e-3 > "$RUN/logs/base.log" 2>&1; } &
+stage hr-encoder --steps 1200 --batch-size 16 --crop 320 --find-prob 0.5 --curriculum 0.3 --pos-weight 10 --lr 1e-3 \
+  --eval-every 300 > "$RUN/logs/hr-encoder.log" 2>&1 &
 wait
-# 3. language model on the frozen warmed tower  ||  controls table, then cached encoder features
-stage base --steps 400 --batch-size 12 --lr 1e-3 > "$RUN/logs/base.log" 2>&1 &
+# 3. controls table (and its AUC view), the flake-only diagnostic, cached encoder features  ||  base evaluated
 { stage controls > "$RUN/logs/controls.log" 2>&1; stage controls-auc > "$RUN/logs/controls-auc.log" 2>&1
+  [ -f "$RUN/flake_focus.json" ] || "$PY" "$HERE/flake_focus.py" --run "$RUN" --steps 400 > "$RUN/logs/flake-focus.log" 2>&1
   stage features > "$RUN/logs/features.log" 2>&1; } &
+{ evaluate base "$RUN/base" "" test; evaluate base "$RUN/base" "" validation
+  if [ -n "${COMPARE_WITH:-}" ]; then evaluate shipped_base "$COMPARE_WITH" "" validation
+    evaluate shipped_HiA "$COMPARE_WITH" "$COMPARE_WITH/hia" validation; fi; } &
 wait
-# 4. HiA and its two ablations (same steps), each evaluated as soon as it is trained
-evaluate base "" &
-stage hia --variants HiA --steps 200 --batch-size 12 --lr 1e-3 > "$RUN/logs/hia.log" 2>&1
-wait
-evaluate HiA "$RUN/HiA" &
-stage hia --variants HiA_wo_IA HiA_wo_HR --steps 200 --batch-size 12 --lr 1e-3 > "$RUN/logs/hia-ablations.log" 2>&1
-wait
-evaluate HiA_wo_IA "$RUN/HiA_wo_IA" &
-{ evaluate HiA_wo_HR "$RUN/HiA_wo_HR"; [ -f "$RUN/pointing.json" ] || stage pointing > "$RUN/logs/pointing.log" 2>&1; }
-wait
-# 5. tables: BLEU-4/METEOR per task, finding-level accuracy, controls, pointing game
+# 4. HiA and its two ablations (same steps), each evaluated while the next one trains
+hia HiA
+hia HiA_wo_HR & { evaluate HiA "$RUN/base" "$RUN/HiA" test; evaluate HiA "$RUN/base" "$RUN/HiA" validation; } & wait
+hia HiA_wo_IA & { evaluate HiA_wo_HR "$RUN/base" "$RUN/HiA_wo_HR" test
+  [ -f "$RUN/pointing.json" ] || stage pointing > "$RUN/logs/pointing.log" 2>&1; } & wait
+evaluate HiA_wo_IA "$RUN/base" "$RUN/HiA_wo_IA" test
+# 5. diagnostic (12 min; DIAGNOSTICS=0 skips it): the flake-only fine-tune for 1,500 steps at lr 1e-3
+[ "${DIAGNOSTICS:-1}" = 0 ] || [ -f "$RUN/flake_focus_1500.json" ] || "$PY" "$HERE/flake_focus.py" --run "$RUN" --steps 1500 \
+  --lr 1e-3 --eval-every 250 --name flake_focus_1500 > "$RUN/logs/flake-focus-1500.log" 2>&1
+# 6. tables: BLEU-4/METEOR per task, finding-level accuracy, controls, pointing game (test; validation for the choice)
+"$PY" "$HERE/analyze.py" "$RUN" validation > "$RUN/logs/analyze-validation.log"
 "$PY" "$HERE/analyze.py" "$RUN"
