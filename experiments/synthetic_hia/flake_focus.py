@@ -6,7 +6,11 @@ Starts from the warmed encoder (`vision_high.pt`), fine-tunes it on the flake ch
 `--pos-weight` + BCE on the max over cells), batches of half flake images (a crop around the flake with probability
 0.9) and half normal images, 320-px crops on the stride grid, and logs the validation AUC (max-pooled flake score,
 small / large flakes against normal images) every `--eval-every` steps. Writes `flake_focus.pt` and
-`flake_focus.json` (`--name`); nothing downstream reads them.
+`flake_focus.json` (`--name`, under `--out`); nothing downstream reads them.
+
+Encoder variants for the small-flake diagnostic (`results/flake_diagnostic.md`): `--init scratch` starts from random
+weights, `--stem s2|s1` removes the stem's max-pool (and, for s1, its stride; see `build_variant`), `--width` sets
+the trunk width (scratch only). The defaults are the package's encoder, warmed, as above.
 """
 
 import argparse
@@ -18,8 +22,35 @@ import demo_pipeline as dp
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 torch.set_num_threads(1)
+
+
+def build_variant(stem, width):
+    """The HiA encoder with its stem changed (built here, the package is untouched). `resnet`: the package's
+    7x7 stride-2 conv + 3x3 stride-2 max-pool (stride 4); `s2`: the same conv, no max-pool (stride 2); `s1`: a 3x3
+    stride-1 conv, no max-pool (stride 1). The lost stride is given back by a max-pool after the last stage, so the
+    output grid (overall stride 32: 21 x 21 cells at 672 px, 10 x 10 on a 320-px crop) and the head are unchanged."""
+    from qilin_med_vl.modeling.high_resolution_encoder_hia import HighResolutionEncoder
+
+    class Variant(HighResolutionEncoder):
+        def __init__(self, stem, **kwargs):
+            super().__init__(**kwargs)
+            self.tail = nn.Identity()
+            if stem != "resnet":
+                self.maxpool = nn.Identity()
+                self.tail = nn.MaxPool2d(2 if stem == "s2" else 4, ceil_mode=True)
+            if stem == "s1":
+                self.conv1 = nn.Conv2d(3, self.width, kernel_size=3, stride=1, padding=1, bias=False)
+                nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+
+        def forward_features(self, pixel_values):
+            return self.tail(super().forward_features(pixel_values))
+
+    torch.manual_seed(0)
+    return Variant(stem, output_dim=dp.HIA_KWARGS["hidden_size"], depths=dp.HIA_KWARGS["encoder_depths"],
+                   width=width)
 
 
 def main():
@@ -32,12 +63,24 @@ def main():
     parser.add_argument("--pos-weight", type=float, default=10.0)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--name", default="flake_focus", help="output files: <name>.pt, <name>.json")
+    parser.add_argument("--out", default=None, help="folder for the outputs (default: --run)")
+    parser.add_argument("--init", choices=("warm", "scratch"), default="warm",
+                        help="warm: start from <run>/vision_high.pt (same weights; with --stem s2 the trunk then "
+                             "runs at twice the resolution it was trained at); scratch: random")
+    parser.add_argument("--stem", choices=("resnet", "s2", "s1"), default="resnet", help="see build_variant")
+    parser.add_argument("--width", type=int, default=dp.HIA_KWARGS["encoder_width"])
     args = parser.parse_args()
     torch.manual_seed(0)
     run = Path(args.run)
     train, validation = dp.Split(run / "data", "train"), dp.Split(run / "data", "validation")
-    probe = dp.HighResProbe(dp.build_encoder(), dp.HIA_KWARGS["hidden_size"], channels_last=True)
-    probe.load_state_dict(torch.load(run / "vision_high.pt"))
+    out = Path(args.out) if args.out else run
+    out.mkdir(parents=True, exist_ok=True)
+    if args.init == "warm" and (args.stem == "s1" or args.width != dp.HIA_KWARGS["encoder_width"]):
+        parser.error("--init warm needs the package's parameter shapes (--stem resnet or s2, the default width)")
+    probe = dp.HighResProbe(build_variant(args.stem, args.width), dp.HIA_KWARGS["hidden_size"], channels_last=True)
+    if args.init == "warm":
+        probe.load_state_dict(torch.load(run / "vision_high.pt"))
+    dp.log("config", vars(args), "parameters", sum(p.numel() for p in probe.parameters()))
     optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.05)
     rng = np.random.default_rng(5000)
     flakes = np.flatnonzero([(k == 1).any() for k in train.kinds])
@@ -85,8 +128,8 @@ def main():
             history.append({"step": step, **dp.flake_auc(probe, validation)})
             dp.log(history[-1])
             probe.train()
-    torch.save(probe.state_dict(), run / f"{args.name}.pt")
-    (run / f"{args.name}.json").write_text(json.dumps(history, indent=2) + "\n")
+    torch.save(probe.state_dict(), out / f"{args.name}.pt")
+    (out / f"{args.name}.json").write_text(json.dumps(history, indent=2) + "\n")
 
 
 if __name__ == "__main__":
