@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -28,3 +30,16 @@ def saved(tmp_path_factory):
     tiny_model().save_pretrained(folder)
     tiny_processor().save_pretrained(folder)
     return folder
+
+
+def write_training_workspace(root, records):
+    """A training folder: images a.png and b.png, train.jsonl holding `records` twice, and a saved tiny model +
+    processor in base/. Returns `root`."""
+    random_image(0).save(root / "a.png")
+    random_image(1).save(root / "b.png")
+    with open(root / "train.jsonl", "w", encoding="utf-8") as handle:
+        for record in records * 2:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tiny_model().save_pretrained(root / "base")
+    tiny_processor().save_pretrained(root / "base")
+    return root

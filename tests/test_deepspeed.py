@@ -12,10 +12,11 @@ import sys
 
 import pytest
 import torch
+from conftest import write_training_workspace
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
+from qilin_med_vl.testing import tiny_model, tiny_processor
 from qilin_med_vl.training import ConversationCollator
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is optional: pip install 'qilin-med-vl[distributed]'")
@@ -45,15 +46,7 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepspeed")
-    random_image(0).save(root / "a.png")
-    random_image(1).save(root / "b.png")
-    with open(root / "train.jsonl", "w", encoding="utf-8") as handle:
-        for record in RECORDS * 2:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tiny_model().save_pretrained(root / "base")
-    tiny_processor().save_pretrained(root / "base")
-    return root
+    return write_training_workspace(tmp_path_factory.mktemp("deepspeed"), RECORDS)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ import sys
 
 import pytest
 import torch
+from conftest import write_training_workspace
 from peft import PeftModel
 from safetensors.torch import load_file
 
 from qilin_med_vl.cli import main as cli
 from qilin_med_vl.modeling.modeling_hia import find_instruction_end_index, hia_is_active
-from qilin_med_vl.testing import random_image, tiny_model, tiny_processor
+from qilin_med_vl.testing import tiny_model, tiny_processor
 from qilin_med_vl.training import ConversationCollator, ConversationDataset, DataValidationError, validate_records
 from qilin_med_vl.training.data import record_to_messages, split_per_answer
 
@@ -33,16 +34,7 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    random_image(0).save(root / "a.png")
-    random_image(1).save(root / "b.png")
-    with open(root / "train.jsonl", "w", encoding="utf-8") as handle:
-        for record in RECORDS * 2:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    model_dir = root / "base"
-    tiny_model().save_pretrained(model_dir)
-    tiny_processor().save_pretrained(model_dir)
-    return root
+    return write_training_workspace(tmp_path_factory.mktemp("train"), RECORDS)
 
 
 def test_collator_labels_exactly_the_answers_and_the_hia_instruction_end(workspace):
