@@ -76,28 +76,20 @@ def test_convert_force_replaces_only_a_model_folder(release, tmp_path):
 # 2. push --dry-run --assembled DIR replaced an existing DIR
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_model().save_pretrained(folder)
-    tiny_processor().save_pretrained(folder)
-    return folder
-
-
-def test_dry_run_never_writes_the_assembled_folder(model_folder, tmp_path):
+def test_dry_run_never_writes_the_assembled_folder(saved, tmp_path):
     keep = tmp_path / "keep"
     keep.mkdir()
     (keep / "thesis.tex").write_text("four years of work")
     with pytest.raises(ValueError, match="dry run writes nothing"):
-        push_to_hub(model_folder, "me/x", dry_run=True, assembled=keep)
+        push_to_hub(saved, "me/x", dry_run=True, assembled=keep)
     assert (keep / "thesis.tex").read_text() == "four years of work"
     assert not (tmp_path / "new").exists()
     with pytest.raises(ValueError):
-        push_to_hub(model_folder, "me/x", dry_run=True, assembled=tmp_path / "new")
+        push_to_hub(saved, "me/x", dry_run=True, assembled=tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
 
-def test_assembled_folder_is_never_replaced(model_folder, tmp_path, monkeypatch):
+def test_assembled_folder_is_never_replaced(saved, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("must fail before contacting the Hub")
 
@@ -106,15 +98,15 @@ def test_assembled_folder_is_never_replaced(model_folder, tmp_path, monkeypatch)
     keep.mkdir()
     (keep / "adapter_model.safetensors").write_bytes(b"trained for a week")
     with pytest.raises(FileExistsError, match="never replaced"):
-        push_to_hub(model_folder, "me/x", assembled=keep)
+        push_to_hub(saved, "me/x", assembled=keep)
     assert (keep / "adapter_model.safetensors").read_bytes() == b"trained for a week"
 
 
-def test_cli_dry_run_with_assembled_keeps_the_folder(model_folder, tmp_path, capsys):
+def test_cli_dry_run_with_assembled_keeps_the_folder(saved, tmp_path, capsys):
     keep = tmp_path / "keep"
     keep.mkdir()
     (keep / "thesis.tex").write_text("mine")
-    assert cli(["push", str(model_folder), "me/x", "--dry-run", "--assembled", str(keep)]) == 2
+    assert cli(["push", str(saved), "me/x", "--dry-run", "--assembled", str(keep)]) == 2
     assert "Traceback" not in capsys.readouterr().err and (keep / "thesis.tex").read_text() == "mine"
 
 

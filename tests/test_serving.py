@@ -230,7 +230,13 @@ def test_responses_api_reads_images_the_same_way(server, expected):
 
 
 def test_text_completions_endpoint_answers(server):
+    """`/v1/completions` (text only, no chat template) continues the prompt as greedy `generate` does."""
+    model, processor = load_model_and_processor(str(DEMO_MODEL_DIR), default_adapter(str(DEMO_MODEL_DIR)))
+    prompt_ids = processor.tokenizer("膝关节", return_tensors="pt").input_ids
+    output_ids = model.generate(prompt_ids, max_new_tokens=4, do_sample=False,
+                                pad_token_id=processor.tokenizer.pad_token_id)
+    expected = processor.tokenizer.decode(output_ids[0, prompt_ids.shape[1]:], skip_special_tokens=True)
     response = server.post("/v1/completions", json={"model": SERVED_NAME, "prompt": "膝关节", "max_tokens": 4,
                                                     "temperature": 0})
     assert response.status_code == 200, response.text
-    assert isinstance(response.json()["choices"][0]["text"], str)
+    assert response.json()["choices"][0]["text"] == expected
