@@ -285,6 +285,24 @@ def test_save_writes_only_the_adapter_and_loads_under_any_name(processor, images
         torch.testing.assert_close(native(**inputs).logits, expected, atol=1e-6, rtol=0)
 
 
+def test_full_resolution_stem_is_saved_and_rebuilt_from_the_config(processor, images, tmp_path):
+    model = hia_model(encoder_stem="full_resolution")
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["encoder_stem"] == "full_resolution"
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(".hia.encoder.stem." in key for key in saved) and not any("encoder.conv1" in key for key in saved)
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
+        torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-6, rtol=0)
+        # the stem reads the high-resolution view: another view changes the answer's logits
+        inputs["high_res_pixel_values"] = inputs["high_res_pixel_values"].flip(-1)
+        assert not torch.allclose(loaded(**inputs).logits, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="encoder_stem must be 'resnet' or 'full_resolution', got 'vit'"):
+        hia_config(encoder_stem="vit")
+
+
 def test_several_named_adapters(processor, images, tmp_path):
     first, second = hia_model(seed=1), hia_model(seed=2)
     first.save_pretrained(tmp_path / "first")

@@ -122,8 +122,9 @@ def test_resnet50_default_output_shape_224_and_non_square():
         (31, 33, (1, 2)),
     ],
 )
-def test_stride_32_grid_sizes_for_any_input(height, width, expected_grid):
-    encoder = HighResolutionEncoder(output_dim=12, **TINY).eval()
+@pytest.mark.parametrize("stem", ["resnet", "full_resolution"])
+def test_stride_32_grid_sizes_for_any_input(height, width, expected_grid, stem):
+    encoder = HighResolutionEncoder(output_dim=12, stem=stem, **TINY).eval()
     assert encoder.compute_grid_size(height, width) == expected_grid
     with torch.no_grad():
         features, grid = encoder(torch.randn(2, 3, height, width), return_grid_size=True)
@@ -183,7 +184,25 @@ def test_no_pooling_or_classifier_head():
     assert "proj" in names
 
 
-@pytest.mark.parametrize("kwargs", [dict(depths=()), dict(depths=(1, 0)), dict(width=0)])
+def test_full_resolution_stem_layout_and_every_pixel_counts():
+    """The first two convs run at stride 1 with half the width; no torchvision stem keys remain."""
+    encoder = HighResolutionEncoder(output_dim=3, stem="full_resolution", **TINY).eval()
+    convs = [module for module in encoder.stem if isinstance(module, torch.nn.Conv2d)]
+    assert [conv.stride for conv in convs] == [(1, 1)] * 3
+    assert [conv.out_channels for conv in convs] == [TINY["width"] // 2, TINY["width"] // 2, TINY["width"]]
+    assert not any(name.startswith(("conv1", "bn1")) for name, _ in encoder.named_parameters())
+    assert encoder.stride == 32
+    # one bright pixel, at any of the four phases of the first pool, changes the features
+    base = torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = encoder(base)
+        for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            spot = base.clone()
+            spot[..., 20 + dy, 20 + dx] = 3.0
+            assert not torch.allclose(encoder(spot), reference)
+
+
+@pytest.mark.parametrize("kwargs", [dict(depths=()), dict(depths=(1, 0)), dict(width=0), dict(stem="vit")])
 def test_invalid_config_raises(kwargs):
     with pytest.raises(ValueError):
         HighResolutionEncoder(output_dim=4, **kwargs)

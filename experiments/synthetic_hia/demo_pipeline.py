@@ -7,8 +7,9 @@ long loops also checkpoint every `--save-every` steps):
 
     vision      the CLIP tower alone at 112 px: a dense lesion map (per patch token and finding kind, BCE with
                 pos_weight 20) plus image-level finding kinds (max over tokens), flips and exposure jitter;
-    hr-encoder  HiA's high-resolution encoder alone at 672 px on 320-px crops placed on its stride grid, the same
-                dense + image-level loss, batches of 1/3 flake images, 1/3 normal images (hard negatives), 1/3
+    hr-encoder  HiA's high-resolution encoder alone at 672 px (with `--stem-warmup`, its full-resolution stem
+                first tells flake windows from the same windows of normal knees), on 320-px crops placed on its
+                stride grid, the same dense + image-level loss, batches of 1/3 flake images, 1/3 normal images (hard negatives), 1/3
                 others, half the finding images' crops random (often finding-free), flakes large-to-small;
     controls    vision-only accuracy by finding and lesion size on validation and test, low vs high resolution;
     controls-auc  the same without a threshold: AUC of each finding against normal images (validation);
@@ -46,7 +47,8 @@ REFERENCE = 1024
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 HIA_KWARGS = dict(num_queries=32, num_heads=4, hidden_size=128, encoder_depths=[1, 1, 1, 1], encoder_width=16,
-                  layers=[1, 2])
+                  encoder_stem="full_resolution", layers=[1, 2])
+HIGH = 672  # side of the high-resolution view
 VARIANTS = {"HiA": dict(high_res_size=672, instruction_aware=True),
             "HiA_wo_IA": dict(high_res_size=672, instruction_aware=False),
             "HiA_wo_HR": dict(high_res_size=112, instruction_aware=True)}
@@ -113,6 +115,28 @@ def lesion_map(boxes, kinds, grid, origin=(0.0, 0.0), extent=float(REFERENCE), f
         if c1 > c0 and r1 > r0:
             target[kind - 1, r0:r1, c0:c1] = 1.0
     return target
+
+
+def flake_windows(split, size_classes=("small", "large"), offset=0.0, rng=None):
+    """(image, centre x, centre y) at 672 px for each image whose only finding is one flake of `size_classes`;
+    `offset` moves each centre that many px in a random direction drawn from `rng` (a control: off the flake)."""
+    out, scale = [], HIGH / REFERENCE
+    keys = {f"flake ({size})" for size in size_classes}
+    for i in range(len(split.high)):
+        if split.finding_key(i) not in keys:
+            continue
+        boxes = [b for b, k in zip(split.boxes[i], split.kinds[i]) if k == 1]
+        x0, y0, x1, y1 = np.array(boxes[0]) * scale
+        angle = rng.uniform(0, 2 * np.pi) if rng is not None else 0.0
+        out.append((i, (x0 + x1) / 2 + offset * np.cos(angle), (y0 + y1) / 2 + offset * np.sin(angle)))
+    return out
+
+
+def cut(images, i, cx, cy, patch):
+    """The `patch`-px window of 672-px image `i` centred on (cx, cy), moved inside the image."""
+    x = int(np.clip(round(cx - patch / 2), 0, HIGH - patch))
+    y = int(np.clip(round(cy - patch / 2), 0, HIGH - patch))
+    return images[i, y : y + patch, x : x + patch]
 
 
 def image_kinds(kinds):
@@ -284,7 +308,54 @@ def build_encoder():
 
     torch.manual_seed(0)
     return HighResolutionEncoder(output_dim=HIA_KWARGS["hidden_size"], depths=HIA_KWARGS["encoder_depths"],
-                                 width=HIA_KWARGS["encoder_width"])
+                                 width=HIA_KWARGS["encoder_width"], stem=HIA_KWARGS["encoder_stem"])
+
+
+def warm_up_stem(encoder, train, validation, steps, patch=48, jitter=8.0, batch_size=32, lr=2e-3):
+    """Teach the encoder's full-resolution stem what a flake looks like before the whole encoder trains: the stem,
+    a throwaway 3x3 conv and a global max-pool classify `patch`-px windows centred on a flake (small or large,
+    jittered) against the same window of a random normal image, so both classes come from the same place on the
+    knee. About 0.1 s a step. Returns the validation AUC per flake size (every window against that window in
+    every normal image)."""
+    width = encoder.width
+    model = nn.Sequential(encoder.stem, nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                          nn.Linear(2 * width, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng(2500)
+    windows = flake_windows(train)
+    normals = np.flatnonzero((train.kinds == 0).all(1))
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, 30)
+        crops, labels = [], []
+        for _ in range(batch_size):
+            i, cx, cy = windows[rng.integers(len(windows))]
+            cx, cy = cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)
+            crops += [cut(train.high, i, cx, cy, patch), cut(train.high, rng.choice(normals), cx, cy, patch)]
+            labels += [1.0, 0.0]
+        crops = torch.stack(crops)
+        flip = torch.from_numpy(rng.uniform(size=len(crops)) < 0.5)
+        crops[flip] = crops[flip].flip(-1)
+        loss = F.binary_cross_entropy_with_logits(model(normalise(crops)).flatten(), torch.tensor(labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 50 == 0:
+            log(f"stem warm-up step {step + 1}/{steps} loss {loss.item():.4f}")
+    model.eval()
+    result = {}
+    validation_normals = np.flatnonzero((validation.kinds == 0).all(1))
+    with torch.no_grad():
+        for size in ("small", "large"):
+            positive, negative = [], []
+            for i, cx, cy in flake_windows(validation, (size,)):
+                positive.append(model(normalise(cut(validation.high, i, cx, cy, patch)[None])).item())
+                crops = torch.stack([cut(validation.high, j, cx, cy, patch) for j in validation_normals])
+                negative += model(normalise(crops)).flatten().tolist()
+            result[f"flake ({size})"] = auc_score(np.array(positive), np.array(negative))
+    return result
 
 
 def train_high_vision(args):
@@ -301,7 +372,19 @@ def train_high_vision(args):
     if out.is_file():
         return
     train = Split(run / "data", "train")
-    probe = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"], channels_last=True)
+    encoder = build_encoder()
+    validation = None
+    if (args.eval_every or args.stem_warmup) and (run / "data" / "cache" / "validation.npz").is_file():
+        validation = Split(run / "data", "validation")
+    warm_stem = run / "vision_stem.pt"
+    if args.stem_warmup and encoder.stem_type == "full_resolution":
+        if not warm_stem.is_file():
+            auc = warm_up_stem(encoder, train, validation, args.stem_warmup)
+            log("stem warm-up validation window AUC flake vs normal: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
+            torch.save(encoder.stem.state_dict(), warm_stem)
+        encoder.stem.load_state_dict(torch.load(warm_stem))
+    probe = HighResProbe(encoder, HIA_KWARGS["hidden_size"], channels_last=True)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.05)
     ckpt = run / "vision_high.ckpt"
     step = load_checkpoint(ckpt, {"probe": probe}, optimizer)
@@ -313,13 +396,10 @@ def train_high_vision(args):
     large_flakes, small_flakes = flakes[large], flakes[~large]
     normals = np.flatnonzero((train.kinds == 0).all(1))
     others = np.flatnonzero(~has(1) & ~(train.kinds == 0).all(1))
-    size, crop, stride = 672, args.crop, 32
+    size, crop, stride = HIGH, args.crop, 32
     assert crop % stride == 0 and crop <= size, "--crop must be a multiple of 32 and at most 672"
     scale = size / REFERENCE
     slots = (size - crop) // stride  # crop origins on the stride grid: 0, 32, ..., slots * 32
-    validation = None
-    if args.eval_every and (run / "data" / "cache" / "validation.npz").is_file():
-        validation = Split(run / "data", "validation")
     counter = {"step": step}
     log(f"hr-encoder: {len(small_flakes)} small-flake, {len(large_flakes)} large-flake, {len(normals)} normal, "
         f"{len(others)} other training images; crop {crop}, find-prob {args.find_prob}, "
@@ -362,7 +442,7 @@ def train_high_vision(args):
         gain = torch.from_numpy(rng.uniform(0.9, 1.1, args.batch_size)).float()
         offset = torch.from_numpy(rng.uniform(-0.05, 0.05, args.batch_size)).float()
         loss = probe_loss(probe(normalise(crops, gain, offset)), dense, torch.stack(kinds), args.pos_weight)
-        if validation is not None and counter["step"] % args.eval_every == 0:
+        if validation is not None and args.eval_every and counter["step"] % args.eval_every == 0:
             auc = flake_auc(probe, validation)
             log(f"vision-high step {counter['step']} validation AUC flake vs normal: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
@@ -784,6 +864,8 @@ def main(argv=None):
                         help="hr-encoder: fraction of the steps over which flakes go from large only to all sizes")
     parser.add_argument("--pos-weight", type=float, default=20.0, help="vision stages: dense BCE positive weight")
     parser.add_argument("--eval-every", type=int, default=0, help="hr-encoder: log validation flake AUC every N steps")
+    parser.add_argument("--stem-warmup", type=int, default=0,
+                        help="hr-encoder: first train the full-resolution stem this many steps on flake windows")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--tower-from", default=None,
                         help="vision: take the CLIP tower from this saved model (frozen) and fit the head only")

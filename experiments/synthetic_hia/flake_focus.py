@@ -9,8 +9,9 @@ small / large flakes against normal images) every `--eval-every` steps. Writes `
 `flake_focus.json` (`--name`, under `--out`); nothing downstream reads them.
 
 Encoder variants for the small-flake diagnostic (`results/flake_diagnostic.md`): `--init scratch` starts from random
-weights, `--stem s2|s1` removes the stem's max-pool (and, for s1, its stride; see `build_variant`), `--width` sets
-the trunk width (scratch only). The defaults are the package's encoder, warmed, as above.
+weights; `--stem resnet` is ResNet's stem, `s2|s1` removes its max-pool (and, for s1, its stride; see
+`build_variant`); `--width` sets the trunk width (scratch only). The defaults are the demo's encoder as the pipeline
+builds it (`--stem pipeline`: the full-resolution stem since the flake diagnostic), warmed, as above.
 """
 
 import argparse
@@ -28,6 +29,12 @@ torch.set_num_threads(1)
 
 
 def build_variant(stem, width):
+    if stem == "pipeline":
+        return dp.build_encoder()
+    return build_resnet_variant(stem, width)
+
+
+def build_resnet_variant(stem, width):
     """The HiA encoder with its stem changed (built here, the package is untouched). `resnet`: the package's
     7x7 stride-2 conv + 3x3 stride-2 max-pool (stride 4); `s2`: the same conv, no max-pool (stride 2); `s1`: a 3x3
     stride-1 conv, no max-pool (stride 1). The lost stride is given back by a max-pool after the last stage, so the
@@ -36,7 +43,7 @@ def build_variant(stem, width):
 
     class Variant(HighResolutionEncoder):
         def __init__(self, stem, **kwargs):
-            super().__init__(**kwargs)
+            super().__init__(stem="resnet", **kwargs)
             self.tail = nn.Identity()
             if stem != "resnet":
                 self.maxpool = nn.Identity()
@@ -67,7 +74,8 @@ def main():
     parser.add_argument("--init", choices=("warm", "scratch"), default="warm",
                         help="warm: start from <run>/vision_high.pt (same weights; with --stem s2 the trunk then "
                              "runs at twice the resolution it was trained at); scratch: random")
-    parser.add_argument("--stem", choices=("resnet", "s2", "s1"), default="resnet", help="see build_variant")
+    parser.add_argument("--stem", choices=("pipeline", "resnet", "s2", "s1"), default="pipeline",
+                        help="see build_variant")
     parser.add_argument("--width", type=int, default=dp.HIA_KWARGS["encoder_width"])
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -76,7 +84,8 @@ def main():
     out = Path(args.out) if args.out else run
     out.mkdir(parents=True, exist_ok=True)
     if args.init == "warm" and (args.stem == "s1" or args.width != dp.HIA_KWARGS["encoder_width"]):
-        parser.error("--init warm needs the package's parameter shapes (--stem resnet or s2, the default width)")
+        # resnet / s2 fit a vision_high.pt from the pipeline before its full-resolution stem (the diagnostic's runs)
+        parser.error("--init warm needs the parameter shapes of <run>/vision_high.pt (not s1, the default width)")
     probe = dp.HighResProbe(build_variant(args.stem, args.width), dp.HIA_KWARGS["hidden_size"], channels_last=True)
     if args.init == "warm":
         probe.load_state_dict(torch.load(run / "vision_high.pt"))

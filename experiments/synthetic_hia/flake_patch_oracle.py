@@ -23,26 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 torch.set_num_threads(1)
-SIZE = 672
-
-
-def windows(split, size_key, offset, rng):
-    """(image, centre x, centre y) at 672 px for each image whose only finding is one flake of `size_key`."""
-    out, scale = [], SIZE / dp.REFERENCE
-    for i in range(len(split.high)):
-        if split.finding_key(i) != f"flake ({size_key})":
-            continue
-        boxes = [b for b, k in zip(split.boxes[i], split.kinds[i]) if k == 1]
-        x0, y0, x1, y1 = np.array(boxes[0]) * scale
-        angle = rng.uniform(0, 2 * np.pi)
-        out.append((i, (x0 + x1) / 2 + offset * np.cos(angle), (y0 + y1) / 2 + offset * np.sin(angle)))
-    return out
-
-
-def cut(images, i, cx, cy, patch):
-    x = int(np.clip(round(cx - patch / 2), 0, SIZE - patch))
-    y = int(np.clip(round(cy - patch / 2), 0, SIZE - patch))
-    return images[i, y : y + patch, x : x + patch]
 
 
 def batch(split, wins, normals, patch, jitter, rng, count):
@@ -51,7 +31,7 @@ def batch(split, wins, normals, patch, jitter, rng, count):
     for _ in range(count):
         i, cx, cy = wins[rng.integers(len(wins))]
         cx, cy = cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)
-        crops += [cut(split.high, i, cx, cy, patch), cut(split.high, rng.choice(normals), cx, cy, patch)]
+        crops += [dp.cut(split.high, i, cx, cy, patch), dp.cut(split.high, rng.choice(normals), cx, cy, patch)]
         labels += [1.0, 0.0]
     x = torch.stack(crops).float().div(255.0).unsqueeze(1)
     return (x - 0.5) / 0.25, torch.tensor(labels)
@@ -79,7 +59,7 @@ def evaluate(model, split, wins, normals, patch):
 
 
 def batch_of(split, images, cx, cy, patch):
-    x = torch.stack([cut(split.high, i, cx, cy, patch) for i in images]).float().div(255.0).unsqueeze(1)
+    x = torch.stack([dp.cut(split.high, i, cx, cy, patch) for i in images]).float().div(255.0).unsqueeze(1)
     return (x - 0.5) / 0.25
 
 
@@ -107,7 +87,7 @@ def main():
     out = Path(args.out) if args.out else run
     out.mkdir(parents=True, exist_ok=True)
     train, validation = dp.Split(run / "data", "train"), dp.Split(run / "data", "validation")
-    wins = {s.name: windows(s, args.size, args.offset, rng) for s in (train, validation)}
+    wins = {s.name: dp.flake_windows(s, (args.size,), args.offset, rng) for s in (train, validation)}
     normals = {s.name: np.flatnonzero([s.finding_key(i) == "normal" for i in range(len(s.high))])
                for s in (train, validation)}
     dp.log("config", vars(args), {k: (len(wins[k]), len(normals[k])) for k in wins})
@@ -135,7 +115,7 @@ def main():
     if args.full_images:
         model.eval()
         with torch.no_grad():
-            score = {i: model(batch_of(validation, [i], SIZE / 2, SIZE / 2, SIZE)).item()
+            score = {i: model(batch_of(validation, [i], dp.HIGH / 2, dp.HIGH / 2, dp.HIGH)).item()
                      for i in [w[0] for w in wins["validation"]] + list(normals["validation"])}
         positive = np.array([score[w[0]] for w in wins["validation"]])
         result["full_image_auc"] = dp.auc_score(positive, np.array([score[i] for i in normals["validation"]]))

@@ -54,6 +54,14 @@ class HiAConfig(PeftConfig):
     encoder_width: int = field(
         default=64, metadata={"help": "Channels of the encoder's first stage (64 = ResNet-50)."}
     )
+    encoder_stem: str = field(
+        default="resnet",
+        metadata={
+            "help": "The encoder's stem: 'resnet' (7x7 stride-2 conv + max-pool, ResNet-50's; ImageNet weights load) "
+            "or 'full_resolution' (3x3 convs at the view's own resolution before any down-sampling, for lesions "
+            "of a few pixels; about twice the stem's cost)."
+        },
+    )
     base_hidden_size: int | None = field(
         default=None,
         metadata={"help": "Hidden size of the language model the adapter was built for (set on creation)."},
@@ -74,5 +82,9 @@ class HiAConfig(PeftConfig):
             if not self.layers or self.layers[0] < 0:
                 raise ValueError(f"HiAConfig.layers must be non-negative decoder layer indices, got {self.layers}")
         self.encoder_depths = [int(depth) for depth in self.encoder_depths]
+        if self.encoder_stem not in ("resnet", "full_resolution"):
+            raise ValueError(
+                f"HiAConfig.encoder_stem must be 'resnet' or 'full_resolution', got {self.encoder_stem!r}"
+            )
         if self.num_queries < 1 or self.num_heads < 1 or self.high_res_size < 32:
             raise ValueError("HiAConfig needs num_queries >= 1, num_heads >= 1 and high_res_size >= 32")

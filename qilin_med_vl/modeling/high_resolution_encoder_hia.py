@@ -24,7 +24,10 @@ from typing import Dict, List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["Bottleneck", "HighResolutionEncoder", "load_resnet_state_dict"]
+__all__ = ["ENCODER_STEMS", "Bottleneck", "HighResolutionEncoder", "load_resnet_state_dict"]
+
+# The two stems an encoder can have (see ``HighResolutionEncoder``); both down-sample by 4.
+ENCODER_STEMS = ("resnet", "full_resolution")
 
 
 # A note on BatchNorm, which applies to every ``nn.BatchNorm2d`` below.
@@ -50,6 +53,10 @@ def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     """1x1 convolution; bias is omitted because BatchNorm follows."""
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> List[nn.Module]:
+    return [_conv3x3(in_channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
 class Bottleneck(nn.Module):
@@ -105,8 +112,13 @@ class Bottleneck(nn.Module):
 class HighResolutionEncoder(nn.Module):
     """ResNet trunk + per-position linear projection (HiA / ViT-Adapter spatial prior module).
 
-    Stem: ``conv1`` 7x7 stride 2 (3 -> ``width``) + ``bn1`` + ReLU + 3x3 max-pool stride 2,
-    then ``len(depths)`` bottleneck stages ``layer1 .. layerK``. Stage ``i`` (0-based) has
+    Stem (``stem="resnet"``, torchvision's): ``conv1`` 7x7 stride 2 (3 -> ``width``) + ``bn1`` + ReLU + 3x3
+    max-pool stride 2. With ``stem="full_resolution"`` it is instead ``stem``: two 3x3 stride-1 convs of
+    ``width // 2`` channels at the input's own resolution, a 2x2 max-pool, a 3x3 conv of ``width`` channels, a 2x2
+    max-pool (BatchNorm and ReLU after each conv).
+    Both down-sample by 4 and give the same grid. The second applies non-linear filters at full resolution before
+    anything is sub-sampled, where ResNet's stem has one linear 7x7 filter bank at stride 2; it is meant for
+    lesions of a few pixels in the high-resolution view and costs about twice ResNet's stem. Then ``len(depths)`` bottleneck stages ``layer1 .. layerK``. Stage ``i`` (0-based) has
     ``depths[i]`` blocks of bottleneck width ``width * 2**i`` and stride 1 for the first
     stage, 2 for the others. There is no average pool and no classifier: every position of
     the last feature map becomes one token, projected by ``proj`` to ``output_dim``.
@@ -120,6 +132,8 @@ class HighResolutionEncoder(nn.Module):
         output_dim: size of each output token (usually the language model's hidden size).
         depths: number of bottleneck blocks per stage (1 to any number of stages).
         width: number of stem channels and bottleneck width of the first stage.
+        stem: ``"resnet"`` (default; torchvision keys ``conv1``/``bn1``) or ``"full_resolution"`` (keys
+            ``stem.*``; an ImageNet ResNet then fills the stages only).
 
     Shapes:
         pixel_values: ``[N, 3, H, W]`` for any ``H, W`` (not necessarily square or
@@ -130,7 +144,9 @@ class HighResolutionEncoder(nn.Module):
             heatmap). ``grid_h, grid_w`` are given by :meth:`compute_grid_size`.
     """
 
-    def __init__(self, output_dim: int, depths: Sequence[int] = (3, 4, 6, 3), width: int = 64) -> None:
+    def __init__(
+        self, output_dim: int, depths: Sequence[int] = (3, 4, 6, 3), width: int = 64, stem: str = "resnet"
+    ) -> None:
         super().__init__()
         depths = tuple(int(d) for d in depths)
         if len(depths) == 0 or any(d < 1 for d in depths):
@@ -139,15 +155,30 @@ class HighResolutionEncoder(nn.Module):
             raise ValueError(f"`width` must be positive, got {width}.")
         if output_dim < 1:
             raise ValueError(f"`output_dim` must be positive, got {output_dim}.")
+        if stem not in ENCODER_STEMS:
+            raise ValueError(f"`stem` must be one of {ENCODER_STEMS}, got {stem!r}.")
         self.depths = depths
         self.width = int(width)
         self.output_dim = int(output_dim)
+        self.stem_type = stem
 
         # Stem (stride 4 in total).
-        self.conv1 = nn.Conv2d(3, self.width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        if stem == "resnet":
+            self.conv1 = nn.Conv2d(3, self.width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(self.width)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            # ceil_mode keeps the "ceil(n / 2) per halving" rule of compute_grid_size for odd sides.
+            # Half width at full resolution, where each channel costs 4x what it costs after the first pool.
+            fine = max(self.width // 2, 1)
+            self.stem = nn.Sequential(
+                *_conv_bn_relu(3, fine),
+                *_conv_bn_relu(fine, fine),
+                nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True),
+                *_conv_bn_relu(fine, self.width),
+                nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True),
+            )
 
         # Stages are registered as ``layer1``, ``layer2``, ... (torchvision naming) rather
         # than in a ModuleList, so pretrained keys need no renaming.
@@ -194,8 +225,8 @@ class HighResolutionEncoder(nn.Module):
     def compute_grid_size(self, height: int, width: int) -> Tuple[int, int]:
         """Feature-grid size ``(grid_h, grid_w)`` produced for an ``height x width`` input.
 
-        Every stride-2 layer here (7x7 conv pad 3, 3x3 max-pool pad 1, 3x3 conv pad 1 and
-        the 1x1 stride-2 shortcut) maps a length ``n`` to ``ceil(n / 2)``, so the grid is
+        Every stride-2 layer here (7x7 conv pad 3, 3x3 max-pool pad 1, 2x2 max-pool in ceil mode, 3x3 conv
+        pad 1 and the 1x1 stride-2 shortcut) maps a length ``n`` to ``ceil(n / 2)``, so the grid is
         ``ceil`` applied once per halving, e.g. 336 -> 11 and 224 -> 7 for ResNet-50.
         """
         num_halvings = 2 + (len(self.depths) - 1)
@@ -218,7 +249,10 @@ class HighResolutionEncoder(nn.Module):
             raise ValueError(
                 f"`pixel_values` must have shape [num_images, 3, height, width], got {tuple(pixel_values.shape)}."
             )
-        hidden_states = self.maxpool(self.relu(self.bn1(self.conv1(pixel_values))))
+        if self.stem_type == "resnet":
+            hidden_states = self.maxpool(self.relu(self.bn1(self.conv1(pixel_values))))
+        else:
+            hidden_states = self.stem(pixel_values)
         for stage in self.stages:
             hidden_states = stage(hidden_states)
         return hidden_states

@@ -88,7 +88,12 @@ class HiABlock(nn.Module):
         self.high_res_size = config.high_res_size
         # The shared high-resolution encoder lives in the first block; later blocks reuse its output.
         self.encoder = (
-            HighResolutionEncoder(output_dim=width, depths=tuple(config.encoder_depths), width=config.encoder_width)
+            HighResolutionEncoder(
+                output_dim=width,
+                depths=tuple(config.encoder_depths),
+                width=config.encoder_width,
+                stem=config.encoder_stem,
+            )
             if owns_encoder
             else None
         )
