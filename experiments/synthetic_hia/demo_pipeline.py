@@ -9,8 +9,9 @@ long loops also checkpoint every `--save-every` steps):
                 pos_weight 20) plus image-level finding kinds (max over tokens), flips and exposure jitter;
     hr-encoder  HiA's high-resolution encoder alone at 672 px (with `--stem-warmup`, its full-resolution stem
                 first tells flake windows from the same windows of normal knees), on 320-px crops placed on its
-                stride grid, the same dense + image-level loss, batches of 1/3 flake images, 1/3 normal images (hard negatives), 1/3
-                others, half the finding images' crops random (often finding-free), flakes large-to-small;
+                stride grid, the same dense + image-level loss, batches of 1/3 flake images, 1/3 normal images
+                (hard negatives), 1/3 others, half the finding images' crops random (often finding-free), flakes
+                large-to-small;
     controls    vision-only accuracy by finding and lesion size on validation and test, low vs high resolution;
     controls-auc  the same without a threshold: AUC of each finding against normal images (validation);
     features    the warmed encoder's grid features at 672 px and at 112 px (the "w/o HR" input) of the first

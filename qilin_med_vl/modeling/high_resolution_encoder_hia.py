@@ -118,8 +118,9 @@ class HighResolutionEncoder(nn.Module):
     max-pool (BatchNorm and ReLU after each conv).
     Both down-sample by 4 and give the same grid. The second applies non-linear filters at full resolution before
     anything is sub-sampled, where ResNet's stem has one linear 7x7 filter bank at stride 2; it is meant for
-    lesions of a few pixels in the high-resolution view and costs about twice ResNet's stem. Then ``len(depths)`` bottleneck stages ``layer1 .. layerK``. Stage ``i`` (0-based) has
-    ``depths[i]`` blocks of bottleneck width ``width * 2**i`` and stride 1 for the first
+    lesions of a few pixels in the high-resolution view and costs about twice ResNet's stem.
+
+    Then ``len(depths)`` bottleneck stages ``layer1 .. layerK``. Stage ``i`` (0-based) has ``depths[i]`` blocks of bottleneck width ``width * 2**i`` and stride 1 for the first
     stage, 2 for the others. There is no average pool and no classifier: every position of
     the last feature map becomes one token, projected by ``proj`` to ``output_dim``.
 
