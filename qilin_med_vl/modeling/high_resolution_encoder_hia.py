@@ -120,9 +120,10 @@ class HighResolutionEncoder(nn.Module):
     anything is sub-sampled, where ResNet's stem has one linear 7x7 filter bank at stride 2; it is meant for
     lesions of a few pixels in the high-resolution view and costs about twice ResNet's stem.
 
-    Then ``len(depths)`` bottleneck stages ``layer1 .. layerK``. Stage ``i`` (0-based) has ``depths[i]`` blocks of bottleneck width ``width * 2**i`` and stride 1 for the first
-    stage, 2 for the others. There is no average pool and no classifier: every position of
-    the last feature map becomes one token, projected by ``proj`` to ``output_dim``.
+    Then ``len(depths)`` bottleneck stages ``layer1 .. layerK``. Stage ``i`` (0-based) has ``depths[i]`` blocks
+    of bottleneck width ``width * 2**i`` and stride 1 for the first stage, 2 for the others. There is no average
+    pool and no classifier: every position of the last feature map becomes one token, projected by ``proj`` to
+    ``output_dim``.
 
     The defaults ``depths=(3, 4, 6, 3), width=64`` are exactly ResNet-50 (2048 output
     channels, overall stride 32, 23,508,032 trunk parameters). Smaller configurations are
