@@ -312,11 +312,11 @@ def build_encoder():
                                  width=HIA_KWARGS["encoder_width"], stem=HIA_KWARGS["encoder_stem"])
 
 
-def warm_up_stem(encoder, train, validation, steps, patch=48, jitter=8.0, batch_size=32, lr=2e-3):
+def warm_up_stem(encoder, train, validation, steps, sizes=("small",), patch=32, jitter=6.0, batch_size=32, lr=2e-3):
     """Teach the encoder's full-resolution stem what a flake looks like before the whole encoder trains: the stem,
-    a throwaway 3x3 conv and a global max-pool classify `patch`-px windows centred on a flake (small or large,
-    jittered) against the same window of a random normal image, so both classes come from the same place on the
-    knee. About 0.1 s a step. Returns the validation AUC per flake size (every window against that window in
+    a throwaway 3x3 conv and a global max-pool classify `patch`-px windows centred on a flake of `sizes`
+    (jittered) against the same window of a random normal image, so both classes come from the same place on the
+    knee (`flake_patch_oracle.py`'s task). About 0.03 s a step. Returns the validation AUC per flake size (every window against that window in
     every normal image)."""
     width = encoder.width
     model = nn.Sequential(encoder.stem, nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
@@ -324,7 +324,7 @@ def warm_up_stem(encoder, train, validation, steps, patch=48, jitter=8.0, batch_
                           nn.Linear(2 * width, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = np.random.default_rng(2500)
-    windows = flake_windows(train)
+    windows = flake_windows(train, sizes)
     normals = np.flatnonzero((train.kinds == 0).all(1))
     model.train()
     for step in range(steps):
@@ -380,13 +380,22 @@ def train_high_vision(args):
     warm_stem = run / "vision_stem.pt"
     if args.stem_warmup and encoder.stem_type == "full_resolution":
         if not warm_stem.is_file():
-            auc = warm_up_stem(encoder, train, validation, args.stem_warmup)
+            auc = warm_up_stem(encoder, train, validation, args.stem_warmup, tuple(args.stem_warmup_sizes))
             log("stem warm-up validation window AUC flake vs normal: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
             torch.save(encoder.stem.state_dict(), warm_stem)
         encoder.stem.load_state_dict(torch.load(warm_stem))
     probe = HighResProbe(encoder, HIA_KWARGS["hidden_size"], channels_last=True)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.05)
+    if args.freeze_stem:
+        encoder.stem.requires_grad_(False)
+
+    def train_mode():
+        probe.train()
+        if args.freeze_stem:  # keep what the warm-up learnt: BatchNorm on its warm-up statistics too
+            encoder.stem.eval()
+
+    train_mode()
+    optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.05)
     ckpt = run / "vision_high.ckpt"
     step = load_checkpoint(ckpt, {"probe": probe}, optimizer)
     rng = np.random.default_rng(2000 + step)
@@ -447,10 +456,11 @@ def train_high_vision(args):
             auc = flake_auc(probe, validation)
             log(f"vision-high step {counter['step']} validation AUC flake vs normal: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
-            probe.train()
+            train_mode()
         return loss
 
-    run_steps("vision-high", args, step, optimizer, list(probe.parameters()), ckpt, {"probe": probe}, compute_loss)
+    run_steps("vision-high", args, step, optimizer, [p for p in probe.parameters() if p.requires_grad], ckpt,
+              {"probe": probe}, compute_loss)
     torch.save(probe.state_dict(), out)
 
 
@@ -867,6 +877,10 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=0, help="hr-encoder: log validation flake AUC every N steps")
     parser.add_argument("--stem-warmup", type=int, default=0,
                         help="hr-encoder: first train the full-resolution stem this many steps on flake windows")
+    parser.add_argument("--stem-warmup-sizes", nargs="+", choices=("small", "large"), default=["small"],
+                        help="hr-encoder: the flake sizes of the stem warm-up's windows")
+    parser.add_argument("--freeze-stem", action="store_true",
+                        help="hr-encoder: keep the warmed stem as it is while the rest of the encoder trains")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--tower-from", default=None,
                         help="vision: take the CLIP tower from this saved model (frozen) and fit the head only")

@@ -32,12 +32,13 @@ hia() { stage hia --variants "$1" --steps 600 --batch-size 12 --lr 1e-3 > "$RUN/
 [ -n "${SKIP_DATA:-}" ] || [ -f "$RUN/data/cache/test.npz" ] || "$PY" "$HERE/data_cache.py" --output "$RUN/data" --seed 1 --train 2400 \
   --validation 200 --test 400 --workers 2 > "$RUN/logs/data.log" 2>&1
 # 2. the 112-px tower (then the language model on it, frozen)  ||  HiA's encoder at 672 px: its full-resolution stem
-#    first tells flake windows from normal ones (300 steps, about a minute), then the whole encoder on 320-px crops on
-#    the stride grid, normal images and finding-free crops as hard negatives, large-to-small flake curriculum
+#    first tells small-flake windows from the same windows of normal knees (300 steps, about 10 s) and is kept as it
+#    is; then the rest of the encoder on 320-px crops on the stride grid, normal images and finding-free crops as
+#    hard negatives, large-to-small flake curriculum
 { if [ "$TOWER" = scratch ]; then stage vision --steps 2500 --batch-size 32 --lr 1e-3 > "$RUN/logs/vision.log" 2>&1
   else stage vision --tower-from "$TOWER" --steps 300 --batch-size 32 --lr 1e-2 > "$RUN/logs/vision.log" 2>&1; fi
   stage base --steps 1200 --batch-size 12 --lr 1e-3 > "$RUN/logs/base.log" 2>&1; } &
-stage hr-encoder --stem-warmup 300 --steps 1200 --batch-size 16 --crop 320 --find-prob 0.5 --curriculum 0.3 \
+stage hr-encoder --stem-warmup 300 --freeze-stem --steps 1200 --batch-size 16 --crop 320 --find-prob 0.5 --curriculum 0.3 \
   --pos-weight 10 --lr 1e-3 --eval-every 300 > "$RUN/logs/hr-encoder.log" 2>&1 &
 wait
 # 3. controls table (and its AUC view), the flake-only diagnostic, cached encoder features  ||  base evaluated

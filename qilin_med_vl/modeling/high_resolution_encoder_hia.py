@@ -217,7 +217,14 @@ class HighResolutionEncoder(nn.Module):
     def _init_weights(self) -> None:
         # Same initialisation as torchvision's ResNet, so training from scratch behaves
         # like the reference; pretrained weights overwrite all of this except ``proj``.
+        # The full-resolution stem, which no ImageNet file fills, keeps PyTorch's default
+        # initialisation: with torchvision's (fan-out, about 2.5x larger weights) it learned
+        # to tell small-flake windows from normal ones far more slowly in the demo model's
+        # warm-up (validation AUC 0.79 against 0.96 after 300 steps).
+        stem_modules = set(self.stem.modules()) if self.stem_type == "full_resolution" else set()
         for module in self.modules():
+            if module in stem_modules:
+                continue
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
