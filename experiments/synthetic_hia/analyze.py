@@ -20,6 +20,9 @@ from pathlib import Path
 from qilin_med_vl.synthetic.findings import CHANGE_NAMES, DISEASE_NAMES
 
 VARIANTS = ["base", "HiA", "HiA_wo_IA", "HiA_wo_HR"]
+# The two rows that tell seeing a small flake from a default answer: how often the flake is named for small-flake
+# knees against normal knees (a blind model names it as often for both).
+FLAKE_FINDING = "片状低密度影"  # the report's flake finding
 
 
 def finding_key(meta: dict) -> str:
@@ -55,6 +58,8 @@ SUMMARY_ROWS = [
     ("disease, coarse findings (osteophyte, narrowing, postop, normal)", "disease",
      {"osteophyte", "narrowing", "postop", "normal"}),
     ("disease, small flakes", "disease", {"flake (small)"}),
+    # the other side of the small-flake row: a model that calls every unclear knee 骨质破坏 scores high above
+    ("disease, normal knees", "disease", {"normal"}),
     ("disease, large flakes", "disease", {"flake (large)"}),
     ("disease, fracture lines", "disease", {"fracture"}),
     ("location, all findings", "location", None),
@@ -74,16 +79,23 @@ def main(run_dir: str, split: str = "test") -> None:
         if evaluations.is_dir() else []
     table = defaultdict(dict)
     summary = defaultdict(dict)
+    flake_answers = {}  # variant -> % of disease answers naming the flake disease, small-flake knees / normal knees
     for variant in VARIANTS + extra:
         path = evaluations / variant / "predictions.jsonl"
         if not path.exists():
             continue
         counts = defaultdict(lambda: [0, 0])
+        named = defaultdict(list)
         for row in map(json.loads, path.read_text(encoding="utf-8").splitlines()):
             record = records[row["id"]]
             key = (record["task"], finding_key(record["meta"]))
             counts[key][0] += correct(record, row["prediction"])
             counts[key][1] += 1
+            if key[0] in ("disease", "description"):
+                sign = DISEASE_NAMES["flake"] if key[0] == "disease" else FLAKE_FINDING
+                named[key].append(sign in row["prediction"])
+        flake_answers[variant] = [100 * sum(named[task, k]) / max(1, len(named[task, k]))
+                                  for task in ("disease", "description") for k in ("flake (small)", "normal")]
         for key, (right, total) in counts.items():
             table[key][variant] = f"{100 * right / total:.0f} ({total})"
         for name, task, findings in SUMMARY_ROWS:
@@ -99,6 +111,10 @@ def main(run_dir: str, split: str = "test") -> None:
     for name, _, _ in SUMMARY_ROWS:
         if name in summary:
             rows.append(f"| {name} | " + " | ".join(summary[name].get(v, "-") for v in variants) + " |")
+    rows.append("| disease: small-flake / normal knees answered 骨质破坏, % | " + " | ".join(
+        "{:.0f} / {:.0f}".format(*flake_answers[v][:2]) for v in variants) + " |")
+    rows.append(f"| description: small-flake / normal knees reported with {FLAKE_FINDING}, % | " + " | ".join(
+        "{:.0f} / {:.0f}".format(*flake_answers[v][2:]) for v in variants) + " |")
     text = (f"## Summary: finding-level accuracy on the {split} split, % (count)\n\n" + "\n".join(rows) + "\n\n"
             "## Finding-level accuracy by task and finding, % (count)\n\n" + "\n".join(lines) + "\n")
     if (run / "controls.md").is_file():

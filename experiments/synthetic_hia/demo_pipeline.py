@@ -687,18 +687,36 @@ def train_base(args):
     model.requires_grad_(False)
     for module in (model.model.multi_modal_projector, model.model.language_model, model.lm_head):
         module.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    modules = {"model": model}
+    side_head = None
+    if args.side_aux:
+        # The tower finds lesions but the answers' side (右侧 / 左侧: which half of the image) was at chance: make
+        # "a finding in this token's cell, on the image's left / right half" linearly readable from every projected
+        # image token, so that any attention over the image tokens carries the side. The head is dropped afterwards.
+        side_head = nn.Linear(model.config.text_config.hidden_size, 2)
+        modules["side_head"] = side_head
+        projected = {}
+        model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.update(tokens=out))
+    params = [p for p in model.parameters() if p.requires_grad] + (list(side_head.parameters()) if side_head else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ckpt = run / "base.ckpt"
-    modules = {"model": model}
     step = load_checkpoint(ckpt, modules, optimizer)
     rng = np.random.default_rng(3000 + step)
     model.train()
     model.model.vision_tower.eval()
 
     def compute_loss():
-        batch, _ = batcher(task_batches(train.records, args.batch_size, rng))
-        return model(**batch).loss
+        batch, images = batcher(task_batches(train.records, args.batch_size, rng))
+        loss = model(**batch).loss
+        if side_head is None:
+            return loss
+        tokens = projected["tokens"]  # (images, grid * grid, hidden)
+        grid = int(tokens.shape[1] ** 0.5)
+        found = torch.stack([lesion_map(train.boxes[i], train.kinds[i], grid).amax(0) for i in images])
+        left = (torch.arange(grid) < grid // 2).float().view(1, 1, grid)
+        target = torch.stack([found * left, found * (1 - left)], -1).flatten(1, 2)  # (images, grid * grid, 2)
+        side = F.binary_cross_entropy_with_logits(side_head(tokens), target, pos_weight=torch.tensor(10.0))
+        return loss + args.side_aux * side
 
     run_steps("base", args, step, optimizer, params, ckpt, modules, compute_loss)
     model.eval()
@@ -879,6 +897,8 @@ def main(argv=None):
                         help="hr-encoder: first train the full-resolution stem this many steps on flake windows")
     parser.add_argument("--stem-warmup-sizes", nargs="+", choices=("small", "large"), default=["small"],
                         help="hr-encoder: the flake sizes of the stem warm-up's windows")
+    parser.add_argument("--side-aux", type=float, default=0.0,
+                        help="base: weight of the auxiliary loss that makes each image token tell the side of a finding")
     parser.add_argument("--freeze-stem", action="store_true",
                         help="hr-encoder: keep the warmed stem as it is while the rest of the encoder trains")
     parser.add_argument("--save-every", type=int, default=100)

@@ -26,23 +26,25 @@ evaluate() {  # name, model, adapter (or ""), split
     --image-root "$RUN/data" --output-dir "$out" --batch-size 16 --max-new-tokens 96 --name "$1" \
     > "$RUN/logs/evaluate-$4-$1.log" 2>&1
 }
-hia() { stage hia --variants "$1" --steps 600 --batch-size 12 --lr 1e-3 > "$RUN/logs/hia-$1.log" 2>&1; }
+hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 > "$RUN/logs/hia-$1.log" 2>&1; }
 
 # 1. data: rendered once, cached as uint8 views (seed 1: a fresh test split)
 [ -n "${SKIP_DATA:-}" ] || [ -f "$RUN/data/cache/test.npz" ] || "$PY" "$HERE/data_cache.py" --output "$RUN/data" --seed 1 --train 2400 \
   --validation 200 --test 400 --workers 2 > "$RUN/logs/data.log" 2>&1
-# 2. the 112-px tower (then the language model on it, frozen)  ||  HiA's encoder at 672 px: its full-resolution stem
+# 2. the 112-px tower (then the language model on it, frozen; each projected image token also learns the side of a
+#    finding in its cell)  ||  HiA's encoder at 672 px: its full-resolution stem
 #    first tells small-flake windows from the same windows of normal knees (300 steps, about 10 s) and is kept as it
 #    is; then the rest of the encoder on 320-px crops on the stride grid, normal images and finding-free crops as
 #    hard negatives, large-to-small flake curriculum
 { if [ "$TOWER" = scratch ]; then stage vision --steps 2500 --batch-size 32 --lr 1e-3 > "$RUN/logs/vision.log" 2>&1
   else stage vision --tower-from "$TOWER" --steps 300 --batch-size 32 --lr 1e-2 > "$RUN/logs/vision.log" 2>&1; fi
-  stage base --steps 1200 --batch-size 12 --lr 1e-3 > "$RUN/logs/base.log" 2>&1; } &
+  stage base --steps 1200 --batch-size 12 --lr 1e-3 --side-aux 0.5 > "$RUN/logs/base.log" 2>&1; } &
 stage hr-encoder --stem-warmup 300 --freeze-stem --steps 1200 --batch-size 16 --crop 320 --find-prob 0.5 --curriculum 0.3 \
   --pos-weight 10 --lr 1e-3 --eval-every 300 > "$RUN/logs/hr-encoder.log" 2>&1 &
 wait
 # 3. controls table (and its AUC view), the flake-only diagnostic, cached encoder features  ||  base evaluated
-{ stage controls > "$RUN/logs/controls.log" 2>&1; stage controls-auc > "$RUN/logs/controls-auc.log" 2>&1
+{ [ -f "$RUN/controls.json" ] || stage controls > "$RUN/logs/controls.log" 2>&1
+  [ -f "$RUN/controls_auc.json" ] || stage controls-auc > "$RUN/logs/controls-auc.log" 2>&1
   [ -f "$RUN/flake_focus.json" ] || "$PY" "$HERE/flake_focus.py" --run "$RUN" --steps 400 > "$RUN/logs/flake-focus.log" 2>&1
   stage features > "$RUN/logs/features.log" 2>&1; } &
 { evaluate base "$RUN/base" "" test; evaluate base "$RUN/base" "" validation
