@@ -303,6 +303,20 @@ def test_full_resolution_stem_is_saved_and_rebuilt_from_the_config(processor, im
         hia_config(encoder_stem="vit")
 
 
+def test_an_adapter_saved_before_encoder_stem_loads_with_the_resnet_stem(processor, images, tmp_path):
+    model = hia_model()
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert config.pop("encoder_stem") == "resnet"
+    config_path.write_text(json.dumps(config))
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-6, rtol=0)
+    assert loaded.peft_config["default"].encoder_stem == "resnet"
+
+
 def test_several_named_adapters(processor, images, tmp_path):
     first, second = hia_model(seed=1), hia_model(seed=2)
     first.save_pretrained(tmp_path / "first")

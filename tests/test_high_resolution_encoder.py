@@ -202,6 +202,35 @@ def test_full_resolution_stem_layout_and_every_pixel_counts():
             assert not torch.allclose(encoder(spot), reference)
 
 
+def test_full_resolution_stem_keeps_pytorchs_default_init():
+    """The stem no ImageNet file fills keeps PyTorch's default init (uniform within 1/sqrt(fan_in)); the trunk keeps
+    torchvision's fan-out init, whose weights are larger."""
+    encoder = HighResolutionEncoder(output_dim=3, stem="full_resolution", depths=(1, 1), width=16)
+    for conv in (module for module in encoder.stem if isinstance(module, torch.nn.Conv2d)):
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.abs().max() <= fan_in**-0.5 + 1e-6
+    trunk_conv = encoder.layer1[0].conv2
+    assert trunk_conv.weight.abs().max() > trunk_conv.weight[0].numel() ** -0.5
+
+
+def test_stem_names_agree_with_the_config():
+    from typing import get_args
+
+    from qilin_med_vl.modeling.configuration_hia import HiAConfig
+    from qilin_med_vl.modeling.high_resolution_encoder_hia import ENCODER_STEMS
+
+    assert get_args(HiAConfig.__annotations__["encoder_stem"]) == ENCODER_STEMS
+
+
+def test_resnet_weights_fill_only_the_stages_of_a_full_resolution_encoder():
+    source = HighResolutionEncoder(output_dim=3, **TINY).state_dict()
+    encoder = HighResolutionEncoder(output_dim=3, stem="full_resolution", **TINY)
+    report = load_resnet_state_dict(encoder, source)
+    assert {"conv1.weight", "bn1.weight"} <= set(report["unexpected"])
+    assert any(key.startswith("stem.") for key in report["missing"])
+    assert "layer1.0.conv1.weight" in report["loaded"]
+
+
 @pytest.mark.parametrize("kwargs", [dict(depths=()), dict(depths=(1, 0)), dict(width=0), dict(stem="vit")])
 def test_invalid_config_raises(kwargs):
     with pytest.raises(ValueError):

@@ -94,7 +94,7 @@ def main(run_dir: str, split: str = "test") -> None:
             if key[0] in ("disease", "description"):
                 sign = DISEASE_NAMES["flake"] if key[0] == "disease" else FLAKE_FINDING
                 named[key].append(sign in row["prediction"])
-        flake_answers[variant] = [100 * sum(named[task, k]) / max(1, len(named[task, k]))
+        flake_answers[variant] = [f"{100 * sum(named[task, k]) / len(named[task, k]):.0f}" if named[task, k] else "-"
                                   for task in ("disease", "description") for k in ("flake (small)", "normal")]
         for key, (right, total) in counts.items():
             table[key][variant] = f"{100 * right / total:.0f} ({total})"
@@ -112,9 +112,9 @@ def main(run_dir: str, split: str = "test") -> None:
         if name in summary:
             rows.append(f"| {name} | " + " | ".join(summary[name].get(v, "-") for v in variants) + " |")
     rows.append("| disease: small-flake / normal knees answered 骨质破坏, % | " + " | ".join(
-        "{:.0f} / {:.0f}".format(*flake_answers[v][:2]) for v in variants) + " |")
+        " / ".join(flake_answers[v][:2]) for v in variants) + " |")
     rows.append(f"| description: small-flake / normal knees reported with {FLAKE_FINDING}, % | " + " | ".join(
-        "{:.0f} / {:.0f}".format(*flake_answers[v][2:]) for v in variants) + " |")
+        " / ".join(flake_answers[v][2:]) for v in variants) + " |")
     text = (f"## Summary: finding-level accuracy on the {split} split, % (count)\n\n" + "\n".join(rows) + "\n\n"
             "## Finding-level accuracy by task and finding, % (count)\n\n" + "\n".join(lines) + "\n")
     if (run / "controls.md").is_file():

@@ -316,8 +316,8 @@ def warm_up_stem(encoder, train, validation, steps, sizes=("small",), patch=32, 
     """Teach the encoder's full-resolution stem what a flake looks like before the whole encoder trains: the stem,
     a throwaway 3x3 conv and a global max-pool classify `patch`-px windows centred on a flake of `sizes`
     (jittered) against the same window of a random normal image, so both classes come from the same place on the
-    knee (`flake_patch_oracle.py`'s task). About 0.03 s a step. Returns the validation AUC per flake size (every window against that window in
-    every normal image)."""
+    knee (`flake_patch_oracle.py`'s task). About 0.03 s a step. Returns the validation AUC per flake size (every
+    window against that window in every normal image; empty without a validation split)."""
     width = encoder.width
     model = nn.Sequential(encoder.stem, nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
                           nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
@@ -347,6 +347,8 @@ def warm_up_stem(encoder, train, validation, steps, sizes=("small",), patch=32, 
             log(f"stem warm-up step {step + 1}/{steps} loss {loss.item():.4f}")
     model.eval()
     result = {}
+    if validation is None:  # no validation cache: nothing to report
+        return result
     validation_normals = np.flatnonzero((validation.kinds == 0).all(1))
     with torch.no_grad():
         for size in ("small", "large"):
@@ -374,11 +376,15 @@ def train_high_vision(args):
         return
     train = Split(run / "data", "train")
     encoder = build_encoder()
+    if (args.stem_warmup or args.freeze_stem) and encoder.stem_type != "full_resolution":
+        sys.exit("--stem-warmup and --freeze-stem need the full-resolution stem (HIA_KWARGS['encoder_stem'])")
+    if args.freeze_stem and not args.stem_warmup:
+        sys.exit("--freeze-stem keeps the stem that --stem-warmup trains: give --stem-warmup too")
     validation = None
     if (args.eval_every or args.stem_warmup) and (run / "data" / "cache" / "validation.npz").is_file():
         validation = Split(run / "data", "validation")
     warm_stem = run / "vision_stem.pt"
-    if args.stem_warmup and encoder.stem_type == "full_resolution":
+    if args.stem_warmup:
         if not warm_stem.is_file():
             auc = warm_up_stem(encoder, train, validation, args.stem_warmup, tuple(args.stem_warmup_sizes))
             log("stem warm-up validation window AUC flake vs normal: "
@@ -696,7 +702,8 @@ def train_base(args):
         side_head = nn.Linear(model.config.text_config.hidden_size, 2)
         modules["side_head"] = side_head
         projected = {}
-        model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.update(tokens=out))
+        hook = model.model.multi_modal_projector.register_forward_hook(
+            lambda module, inputs, output: projected.update(tokens=output))
     params = [p for p in model.parameters() if p.requires_grad] + (list(side_head.parameters()) if side_head else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ckpt = run / "base.ckpt"
@@ -719,6 +726,8 @@ def train_base(args):
         return loss + args.side_aux * side
 
     run_steps("base", args, step, optimizer, params, ckpt, modules, compute_loss)
+    if side_head is not None:
+        hook.remove()
     model.eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(out)
@@ -766,9 +775,10 @@ def train_hia(args):
         modules = {"model": model}
         step = load_checkpoint(ckpt, modules, optimizer)
         rng = np.random.default_rng(4000 + step)
-        # Flake and normal records twice as often: the findings only the high-resolution path can separate.
-        weights = np.array([2.0 if r["meta"]["label"] in ("flake", "normal") or r["meta"].get("kind") == "flake"
-                            else 1.0 for r in train.records])
+        # Flake and normal records `--flake-normal-weight` times as often: the findings only the high-resolution path
+        # can separate.
+        weights = np.array([args.flake_normal_weight if r["meta"]["label"] in ("flake", "normal")
+                            or r["meta"].get("kind") == "flake" else 1.0 for r in train.records])
         model.train()
         owner.encoder.eval()
 
@@ -898,13 +908,15 @@ def main(argv=None):
     parser.add_argument("--stem-warmup-sizes", nargs="+", choices=("small", "large"), default=["small"],
                         help="hr-encoder: the flake sizes of the stem warm-up's windows")
     parser.add_argument("--side-aux", type=float, default=0.0,
-                        help="base: weight of the auxiliary loss that makes each image token tell the side of a finding")
+                        help="base: weight of the auxiliary loss that makes each image token tell a finding's side")
     parser.add_argument("--freeze-stem", action="store_true",
                         help="hr-encoder: keep the warmed stem as it is while the rest of the encoder trains")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--tower-from", default=None,
                         help="vision: take the CLIP tower from this saved model (frozen) and fit the head only")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--flake-normal-weight", type=float, default=2.0,
+                        help="hia: how much more often flake and normal records are drawn")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     random.seed(0)

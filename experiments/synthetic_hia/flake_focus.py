@@ -83,6 +83,8 @@ def main():
     train, validation = dp.Split(run / "data", "train"), dp.Split(run / "data", "validation")
     out = Path(args.out) if args.out else run
     out.mkdir(parents=True, exist_ok=True)
+    if args.stem == "pipeline" and args.width != dp.HIA_KWARGS["encoder_width"]:
+        parser.error("--width applies to the ResNet-stem variants (--stem resnet|s2|s1); the pipeline's is fixed")
     if args.init == "warm" and (args.stem == "s1" or args.width != dp.HIA_KWARGS["encoder_width"]):
         # resnet / s2 fit a vision_high.pt from the pipeline before its full-resolution stem (the diagnostic's runs)
         parser.error("--init warm needs the parameter shapes of <run>/vision_high.pt (not s1, the default width)")
