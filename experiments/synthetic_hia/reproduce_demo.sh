@@ -26,7 +26,8 @@ evaluate() {  # name, model, adapter (or ""), split
     --image-root "$RUN/data" --output-dir "$out" --batch-size 16 --max-new-tokens 96 --name "$1" \
     > "$RUN/logs/evaluate-$4-$1.log" 2>&1
 }
-hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 > "$RUN/logs/hia-$1.log" 2>&1; }
+hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 --flake-normal-weight 4 \
+  > "$RUN/logs/hia-$1.log" 2>&1; }
 
 # 1. data: rendered once, cached as uint8 views (seed 1: a fresh test split)
 [ -n "${SKIP_DATA:-}" ] || [ -f "$RUN/data/cache/test.npz" ] || "$PY" "$HERE/data_cache.py" --output "$RUN/data" --seed 1 --train 2400 \
