@@ -140,6 +140,18 @@ def cut(images, i, cx, cy, patch):
     return images[i, y : y + patch, x : x + patch]
 
 
+def window_pairs(split, windows, normals, patch, jitter, rng, count):
+    """`count` flake windows (a random entry of `windows`, jittered by up to `jitter` px) each followed by the same
+    window of a random normal image: (2 count, P, P) uint8 crops and their 1/0 labels."""
+    crops, labels = [], []
+    for _ in range(count):
+        i, cx, cy = windows[rng.integers(len(windows))]
+        cx, cy = cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)
+        crops += [cut(split.high, i, cx, cy, patch), cut(split.high, rng.choice(normals), cx, cy, patch)]
+        labels += [1.0, 0.0]
+    return torch.stack(crops), torch.tensor(labels)
+
+
 def image_kinds(kinds):
     target = torch.zeros(NUM_KINDS)
     for kind in kinds:
@@ -330,16 +342,10 @@ def warm_up_stem(encoder, train, validation, steps, sizes=("small",), patch=32, 
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, 30)
-        crops, labels = [], []
-        for _ in range(batch_size):
-            i, cx, cy = windows[rng.integers(len(windows))]
-            cx, cy = cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)
-            crops += [cut(train.high, i, cx, cy, patch), cut(train.high, rng.choice(normals), cx, cy, patch)]
-            labels += [1.0, 0.0]
-        crops = torch.stack(crops)
+        crops, labels = window_pairs(train, windows, normals, patch, jitter, rng, batch_size)
         flip = torch.from_numpy(rng.uniform(size=len(crops)) < 0.5)
         crops[flip] = crops[flip].flip(-1)
-        loss = F.binary_cross_entropy_with_logits(model(normalise(crops)).flatten(), torch.tensor(labels))
+        loss = F.binary_cross_entropy_with_logits(model(normalise(crops)).flatten(), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -26,15 +26,9 @@ torch.set_num_threads(1)
 
 
 def batch(split, wins, normals, patch, jitter, rng, count):
-    """`count` positives and `count` negatives at the same (jittered) coordinates, (2 count, 1, P, P) float."""
-    crops, labels = [], []
-    for _ in range(count):
-        i, cx, cy = wins[rng.integers(len(wins))]
-        cx, cy = cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)
-        crops += [dp.cut(split.high, i, cx, cy, patch), dp.cut(split.high, rng.choice(normals), cx, cy, patch)]
-        labels += [1.0, 0.0]
-    x = torch.stack(crops).float().div(255.0).unsqueeze(1)
-    return (x - 0.5) / 0.25, torch.tensor(labels)
+    """`dp.window_pairs` as (2 count, 1, P, P) float, normalised for this one-channel classifier."""
+    crops, labels = dp.window_pairs(split, wins, normals, patch, jitter, rng, count)
+    return (crops.float().div(255.0).unsqueeze(1) - 0.5) / 0.25, labels
 
 
 def classifier(width):
