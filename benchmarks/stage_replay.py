@@ -145,13 +145,14 @@ def measure_prefill_stages(model, num_images: int, text_tokens: int = 64, vision
             image_tokens = num_images * config.image_seq_length
             flops, memory = counters()
             with flops, memory:
-                grid_features = blocks[0].encoder(high_pixels.to(blocks[0].queries.dtype))
+                grid_features, grid_size = blocks[0].encoder(high_pixels.to(blocks[0].queries.dtype),
+                                                             return_grid_size=True)
                 hidden_states = merged
                 for block in blocks:
                     index = torch.empty(2, image_tokens, device=device, dtype=torch.long)  # nonzero()
                     visual = empty(num_images, config.image_seq_length, hidden)  # hidden[batch, position]
                     instruction = empty(num_images, hidden)
-                    update, _ = block(visual, instruction, grid_features, False)
+                    update, _ = block(visual, instruction, grid_features, False, grid_size)
                     edited = visual + update
                     hidden_states = torch.empty_like(hidden_states)  # out-of-place index_put
                     del index, visual, instruction, update, edited

@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from qilin_med_vl.modeling.configuration_hia import HiAConfig
-from qilin_med_vl.modeling.modeling_hia import HiABlock, HiALayer
+from qilin_med_vl.modeling.modeling_hia import HiABlock, HiALayer, grid_position_codes
 from qilin_med_vl.testing import random_image, tiny_model
 
 
@@ -303,18 +303,77 @@ def test_full_resolution_stem_is_saved_and_rebuilt_from_the_config(processor, im
         hia_config(encoder_stem="vit")
 
 
-def test_an_adapter_saved_before_encoder_stem_loads_with_the_resnet_stem(processor, images, tmp_path):
+def test_an_adapter_saved_before_encoder_stem_and_feature_positions_loads_as_it_was(processor, images, tmp_path):
     model = hia_model()
     model.save_pretrained(tmp_path)
     config_path = tmp_path / "adapter_config.json"
     config = json.loads(config_path.read_text())
     assert config.pop("encoder_stem") == "resnet"
+    assert config.pop("feature_positions") == "none"
     config_path.write_text(json.dumps(config))
     inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
     with torch.no_grad():
         loaded = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-6, rtol=0)
     assert loaded.peft_config["default"].encoder_stem == "resnet"
+    assert loaded.peft_config["default"].feature_positions == "none"
+
+
+def test_grid_position_codes_tell_every_cell_apart_row_and_column_separately():
+    codes = grid_position_codes((3, 5), 16)
+    assert codes.shape == (15, 16)
+    assert len({tuple(code.tolist()) for code in codes.round(decimals=5)}) == 15
+    grid = codes.view(3, 5, 16)
+    # the first half codes the row (equal along a row), the second the column (equal down a column)
+    torch.testing.assert_close(grid[:, :, :8], grid[:, :1, :8].expand(3, 5, 8))
+    torch.testing.assert_close(grid[:, :, 8:], grid[:1, :, 8:].expand(3, 5, 8))
+    # fractions of the grid: the slowest column code changes sign between the image's halves at any resolution
+    for columns in (4, 21):
+        slowest = grid_position_codes((1, columns), 16)[:, 12]  # cos(pi * x) of the column centre x
+        assert (slowest[: columns // 2] > 0).all() and (slowest[columns - columns // 2 :] < 0).all()
+
+
+@pytest.mark.parametrize("feature_positions", ["none", "sincos"])
+def test_feature_positions_let_the_extractor_tell_where_a_feature_is(feature_positions):
+    block = HiABlock(hia_config(feature_positions=feature_positions, hidden_size=16), 32, owns_encoder=False).eval()
+    torch.nn.init.normal_(block.output_proj.weight)
+    visual, instruction = torch.randn(1, 4, 32), torch.randn(1, 32)
+    # one distinct feature on a 2 x 2 grid, in the top-left cell or the top-right one; the others equal
+    left, right = torch.zeros(1, 4, 16), torch.zeros(1, 4, 16)
+    left[0, 0], right[0, 1] = 3.0 * torch.arange(16.0).cos(), 3.0 * torch.arange(16.0).cos()
+    with torch.no_grad():
+        on_left, _ = block(visual, instruction, left, False, (2, 2))
+        on_right, _ = block(visual, instruction, right, False, (2, 2))
+    if feature_positions == "none":  # attention over an unordered set: the same features anywhere, the same update
+        torch.testing.assert_close(on_left, on_right)
+    else:
+        assert (on_left - on_right).abs().max() > 1e-3
+
+
+def test_feature_positions_refuse_bad_values_and_a_missing_grid():
+    with pytest.raises(ValueError, match="feature_positions must be 'none' or 'sincos', got 'learned'"):
+        hia_config(feature_positions="learned")
+    with pytest.raises(ValueError, match="must be a multiple of 4 for feature_positions='sincos'"):
+        HiABlock(hia_config(feature_positions="sincos", hidden_size=10, num_heads=2), 32, owns_encoder=False)
+    block = HiABlock(hia_config(feature_positions="sincos", hidden_size=16), 32, owns_encoder=False)
+    with pytest.raises(ValueError, match="needs the grid of the 4 features, got None"):
+        block(torch.randn(1, 4, 32), torch.randn(1, 32), torch.randn(1, 4, 16), False)
+
+
+def test_sincos_adapter_is_saved_and_reloads_with_its_positions(processor, images, tmp_path):
+    model = hia_model(feature_positions="sincos")
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["feature_positions"] == "sincos"
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
+        torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-6, rtol=0)
+        loaded.peft_config["default"].feature_positions = "none"  # the same weights without the codes differ
+        for module in loaded.modules():
+            if isinstance(module, HiABlock):
+                module.feature_positions = "none"
+        assert not torch.allclose(loaded(**inputs).logits, expected, atol=1e-4)
 
 
 def test_several_named_adapters(processor, images, tmp_path):

@@ -152,6 +152,27 @@ def window_pairs(split, windows, normals, patch, jitter, rng, count):
     return torch.stack(crops), torch.tensor(labels)
 
 
+SEGMENTS = ("股骨", "胫骨", "间隙")  # femur, tibia, joint space: the bone part a location names
+SIDES = ("右侧", "左侧")
+# One scale per kind for "how much finding" (None: no severity), so that a pair's change is a difference of numbers
+SEVERITY = {"flake": lambda f: f["diameter_px"] * f["strength"] / 10, "fracture": lambda f: f["line_width_px"] / 3,
+            "osteophyte": lambda f: f["spur_length_px"] / 15, "narrowing": lambda f: f["medial_gap_px"] / 15}
+
+
+def finding_answer(findings):
+    """An image's findings as the answers read them: a `(NUM_KINDS * 2 * 3,)` multi-hot of (kind, side, segment)
+    and `(NUM_KINDS,)` severities with their `(NUM_KINDS,)` mask (1 where the kind is present and has a scale)."""
+    present = torch.zeros(NUM_KINDS, len(SIDES), len(SEGMENTS))
+    severity, mask = torch.zeros(NUM_KINDS), torch.zeros(NUM_KINDS)
+    for finding in findings:
+        kind = KINDS.index(finding["kind"]) - 1
+        segment = next(i for i, name in enumerate(SEGMENTS) if name in finding["location"])
+        present[kind, SIDES.index(finding["side"]), segment] = 1.0
+        if finding["kind"] in SEVERITY:
+            severity[kind], mask[kind] = SEVERITY[finding["kind"]](finding), 1.0
+    return present.flatten(), severity, mask
+
+
 def image_kinds(kinds):
     target = torch.zeros(NUM_KINDS)
     for kind in kinds:
@@ -287,17 +308,29 @@ def train_low_vision(args):
 
         source = QilinMedVLForConditionalGeneration.from_pretrained(args.tower_from).model.vision_tower
         probe.tower.load_state_dict(source.state_dict())
-        probe.tower.requires_grad_(False)
-        trained = probe.head.parameters()
-        log(f"vision-low: tower from {args.tower_from}, fitting the head only")
+        if not args.column_aux:
+            probe.tower.requires_grad_(False)
+            trained = probe.head.parameters()
+        log(f"vision-low: tower from {args.tower_from}, " + ("tuned" if args.column_aux else "fitting the head only"))
+    modules = {"probe": probe}
+    column_head = None
+    if args.column_aux:
+        # The two knees are mirror images and the lesion map does not need absolute positions, so the warmed tower's
+        # tokens barely tell the image's left half from its right (a linear probe: 63 %), and no answer can name
+        # the side. Every token also learns its own column (cross-entropy over the grid's columns; the head is
+        # dropped): the tower keeps the horizontal position that its position embeddings put in.
+        column_head = nn.Linear(model.config.vision_config.hidden_size, 112 // 14)
+        modules["column_head"] = column_head
+        trained = list(probe.parameters()) + list(column_head.parameters())
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.05)
     ckpt = run / "vision_low.ckpt"
-    step = load_checkpoint(ckpt, {"probe": probe}, optimizer)
+    step = load_checkpoint(ckpt, modules, optimizer)
     rng = np.random.default_rng(1000 + step)
     probe.train()
-    if args.tower_from:
+    if args.tower_from and not args.column_aux:
         probe.tower.eval()
     n = len(train.low)
+    columns = torch.arange(112 // 14).repeat(112 // 14)  # each token's column, row-major
 
     def compute_loss():
         index = rng.integers(0, n, args.batch_size)
@@ -309,10 +342,17 @@ def train_low_vision(args):
         grid = 112 // 14
         dense = torch.stack([lesion_map(train.boxes[i], train.kinds[i], grid, flip=f) for i, f in zip(index, flip)])
         kinds = torch.stack([image_kinds(train.kinds[i]) for i in index])
-        return probe_loss(probe(normalise(images, gain, offset)), dense, kinds, args.pos_weight)
+        pixels = normalise(images, gain, offset)
+        if column_head is None:
+            return probe_loss(probe(pixels), dense, kinds, args.pos_weight)
+        hidden = probe.tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # (N, 64, C)
+        grid = int(hidden.shape[1] ** 0.5)
+        logits = probe.head(hidden).transpose(1, 2).reshape(len(hidden), NUM_KINDS, grid, grid)
+        column = F.cross_entropy(column_head(hidden).flatten(0, 1), columns.repeat(len(hidden)))
+        return probe_loss(logits, dense, kinds, args.pos_weight) + args.column_aux * column
 
-    run_steps("vision-low", args, step, optimizer, [p for p in probe.parameters() if p.requires_grad], ckpt,
-              {"probe": probe}, compute_loss, log_every=50)
+    params = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
+    run_steps("vision-low", args, step, optimizer, params, ckpt, modules, compute_loss, log_every=50)
     torch.save(probe.state_dict(), out)
 
 
@@ -705,7 +745,8 @@ def train_base(args):
         # The tower finds lesions but the answers' side (右侧 / 左侧: which half of the image) was at chance: make
         # "a finding in this token's cell, on the image's left / right half" linearly readable from every projected
         # image token, so that any attention over the image tokens carries the side. The head is dropped afterwards.
-        side_head = nn.Linear(model.config.text_config.hidden_size, 2)
+        # --side-aux-kinds: the same per kind (which finding, on which half).
+        side_head = nn.Linear(model.config.text_config.hidden_size, 2 * (NUM_KINDS if args.side_aux_kinds else 1))
         modules["side_head"] = side_head
         projected = {}
         hook = model.model.multi_modal_projector.register_forward_hook(
@@ -725,9 +766,11 @@ def train_base(args):
             return loss
         tokens = projected["tokens"]  # (images, grid * grid, hidden)
         grid = int(tokens.shape[1] ** 0.5)
-        found = torch.stack([lesion_map(train.boxes[i], train.kinds[i], grid).amax(0) for i in images])
-        left = (torch.arange(grid) < grid // 2).float().view(1, 1, grid)
-        target = torch.stack([found * left, found * (1 - left)], -1).flatten(1, 2)  # (images, grid * grid, 2)
+        found = torch.stack([lesion_map(train.boxes[i], train.kinds[i], grid) for i in images])  # (N, kinds, g, g)
+        found = found if args.side_aux_kinds else found.amax(1, keepdim=True)
+        left = (torch.arange(grid) < grid // 2).float().view(1, 1, 1, grid)
+        target = torch.stack([found * left, found * (1 - left)], -1)  # (images, kinds or 1, grid, grid, 2)
+        target = target.permute(0, 2, 3, 1, 4).flatten(1, 2).flatten(2)  # (images, grid * grid, 2 * (kinds or 1))
         side = F.binary_cross_entropy_with_logits(side_head(tokens), target, pos_weight=torch.tensor(10.0))
         return loss + args.side_aux * side
 
@@ -740,7 +783,7 @@ def train_base(args):
     processor.save_pretrained(out)
 
 
-def hia_model(run, variant):
+def hia_model(run, variant, feature_positions="none"):
     from peft import get_peft_model
 
     import qilin_med_vl  # noqa: F401
@@ -751,7 +794,7 @@ def hia_model(run, variant):
     model = QilinMedVLForConditionalGeneration.from_pretrained(Path(run) / "base")
     model.requires_grad_(False)
     torch.manual_seed(0)
-    model = get_peft_model(model, HiAConfig(**HIA_KWARGS, **VARIANTS[variant]))
+    model = get_peft_model(model, HiAConfig(**HIA_KWARGS, **VARIANTS[variant], feature_positions=feature_positions))
     owner = next(m for m in model.modules() if isinstance(m, HiABlock) and m.encoder is not None)
     probe = HighResProbe(owner.encoder, HIA_KWARGS["hidden_size"])
     probe.load_state_dict(torch.load(Path(run) / "vision_high.pt"))  # the warmed encoder, in place
@@ -768,7 +811,7 @@ def train_hia(args):
         train = Split(run / "data", "train", load_high=False)
         features = torch.load(run / "features_train.pt")[str(VARIANTS[variant]["high_res_size"])]
         grid = int(features.shape[1] ** 0.5)
-        model, owner = hia_model(run, variant)
+        model, owner = hia_model(run, variant, args.feature_positions)
         processor = load_processor(run, VARIANTS[variant]["high_res_size"])
         train.records = train.records[: min(FEATURE_RECORDS, len(train.records))]  # those with cached features
         batcher = Batcher(processor, train)
@@ -779,22 +822,62 @@ def train_hia(args):
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
         ckpt = run / f"{variant}.ckpt"
         modules = {"model": model}
-        step = load_checkpoint(ckpt, modules, optimizer)
-        rng = np.random.default_rng(4000 + step)
         # Flake and normal records `--flake-normal-weight` times as often: the findings only the high-resolution path
         # can separate.
         weights = np.array([args.flake_normal_weight if r["meta"]["label"] in ("flake", "normal")
                             or r["meta"].get("kind") == "flake" else 1.0 for r in train.records])
+        aux_head, hook = None, None
+        if args.finding_aux:
+            # The language-model loss alone says little about what the extractor should bring back. Make what it
+            # brings back tell the image's findings as the answers name them (kind, side, bone segment) and how much
+            # of each there is (a pair's change is then a difference of two images' extracted values).
+            # --finding-aux-at extractor: from the mean of the last HiA block's extracted queries (its D-wide output
+            # before the injection); tokens: from every image token that block edits. The head is dropped after
+            # training.
+            answers = {}  # image -> finding_answer, filled as images come
+            last_block = [m for m in model.modules() if isinstance(m, type(owner))][-1]  # HiABlock
+            at_tokens = args.finding_aux_at == "tokens"
+            width = model.get_base_model().config.text_config.hidden_size if at_tokens else HIA_KWARGS["hidden_size"]
+            aux_head = nn.Linear(width, NUM_KINDS * len(SIDES) * len(SEGMENTS) + NUM_KINDS)
+            modules["aux_head"] = aux_head
+            params += list(aux_head.parameters())
+            optimizer.add_param_group({"params": list(aux_head.parameters())})
+            captured = {}
+            if at_tokens:
+                hook = last_block.register_forward_hook(
+                    lambda module, inputs, output: captured.update(values=inputs[0] + output[0]))  # (N, K, H)
+            else:
+                hook = last_block.extract_attn.register_forward_hook(  # values: (N, 1, D)
+                    lambda module, inputs, output: captured.update(values=output[0].mean(1, keepdim=True)))
+        step = load_checkpoint(ckpt, modules, optimizer)
+        rng = np.random.default_rng(4000 + step)
         model.train()
         owner.encoder.eval()
+
+        def answer(image):
+            if image not in answers:
+                findings = train.records[train.record[image]]["meta"]["findings"][train.view[image]]
+                answers[image] = finding_answer(findings)
+            return answers[image]
 
         def compute_loss():
             batch, images = batcher(task_batches(train.records, args.batch_size, rng, weights))
             current["features"] = features[images].float()
             batch["high_res_pixel_values"] = torch.zeros(len(images), 3, 1, 1)
-            return model(**batch).loss
+            loss = model(**batch).loss
+            if aux_head is None:
+                return loss
+            logits = aux_head(captured["values"])  # (images, tokens or 1, kinds * sides * segments + NUM_KINDS)
+            present, severity, mask = (torch.stack(x)[:, None].expand(-1, logits.shape[1], -1)
+                                       for x in zip(*(answer(i) for i in images)))
+            found = F.binary_cross_entropy_with_logits(logits[..., :-NUM_KINDS], present,
+                                                       pos_weight=torch.tensor(5.0))
+            how_much = ((logits[..., -NUM_KINDS:] - severity) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+            return loss + args.finding_aux * (found + how_much)
 
         run_steps(variant, args, step, optimizer, params, ckpt, modules, compute_loss, warmup=30)
+        if hook is not None:
+            hook.remove()
         del owner.encode
         model.eval()
         model.save_pretrained(out)
@@ -915,6 +998,11 @@ def main(argv=None):
                         help="hr-encoder: the flake sizes of the stem warm-up's windows")
     parser.add_argument("--side-aux", type=float, default=0.0,
                         help="base: weight of the auxiliary loss that makes each image token tell a finding's side")
+    parser.add_argument("--side-aux-kinds", action="store_true",
+                        help="base: the side auxiliary per finding kind (which finding, on which half)")
+    parser.add_argument("--column-aux", type=float, default=0.0,
+                        help="vision: weight of the auxiliary loss that makes each tower token tell its own column "
+                             "(with --tower-from: the tower is tuned, not frozen)")
     parser.add_argument("--freeze-stem", action="store_true",
                         help="hr-encoder: keep the warmed stem as it is while the rest of the encoder trains")
     parser.add_argument("--save-every", type=int, default=100)
@@ -923,6 +1011,13 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--flake-normal-weight", type=float, default=2.0,
                         help="hia: how much more often flake and normal records are drawn")
+    parser.add_argument("--finding-aux", type=float, default=0.0,
+                        help="hia: weight of the auxiliary loss that makes what HiA extracts tell the image's findings "
+                             "(kind, side, segment) and their severity")
+    parser.add_argument("--feature-positions", choices=("none", "sincos"), default="none",
+                        help="hia: HiAConfig.feature_positions (where each high-resolution feature sits)")
+    parser.add_argument("--finding-aux-at", choices=("extractor", "tokens"), default="extractor",
+                        help="hia: what the finding auxiliary reads (see train_hia)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     random.seed(0)

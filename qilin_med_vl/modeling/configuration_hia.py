@@ -63,6 +63,15 @@ class HiAConfig(PeftConfig):
             "of a few pixels; 1.8x the stem's multiply-adds at width 16, 6x at width 64)."
         },
     )
+    feature_positions: Literal["none", "sincos"] = field(
+        default="none",
+        metadata={
+            "help": "Where each high-resolution feature sits, as the extractor sees it: 'none' (the paper's; a "
+            "feature carries only what its receptive field shows, so the adapter cannot say which side a small lesion "
+            "is on) or 'sincos' (fixed 2-D sine-cosine codes of the cell's row and column, as fractions of the grid, "
+            "added to the normalised features before the extractor's key projection; no parameters)."
+        },
+    )
     base_hidden_size: int | None = field(
         default=None,
         metadata={"help": "Hidden size of the language model the adapter was built for (set on creation)."},
@@ -86,6 +95,10 @@ class HiAConfig(PeftConfig):
         if self.encoder_stem not in get_args(HiAConfig.__annotations__["encoder_stem"]):
             raise ValueError(
                 f"HiAConfig.encoder_stem must be 'resnet' or 'full_resolution', got {self.encoder_stem!r}"
+            )
+        if self.feature_positions not in get_args(HiAConfig.__annotations__["feature_positions"]):
+            raise ValueError(
+                f"HiAConfig.feature_positions must be 'none' or 'sincos', got {self.feature_positions!r}"
             )
         if self.num_queries < 1 or self.num_heads < 1 or self.high_res_size < 32:
             raise ValueError("HiAConfig needs num_queries >= 1, num_heads >= 1 and high_res_size >= 32")

@@ -72,6 +72,25 @@ def find_instruction_end_index(
     return torch.where(supervised.any(dim=1), (first_supervised - 1).clamp(min=0), last_real)
 
 
+def grid_position_codes(grid_size: tuple[int, int], width: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2-D sine-cosine codes `(grid_h * grid_w, width)`, row-major like the encoder's grid: the first half of
+    the channels codes the row, the second the column. Positions are cell centres as fractions of the grid, so a
+    cell on the left half of the image gets the same kind of code whatever the view's resolution. `width` is a
+    multiple of 4."""
+    quarter = width // 4
+    # pi .. 64 pi radians across the grid: the slowest pair tells the halves apart, the fastest neighbouring cells.
+    frequencies = torch.pi * 64.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+
+    def codes(length: int) -> torch.Tensor:  # (length, width / 2)
+        angles = ((torch.arange(length, device=device, dtype=torch.float32) + 0.5) / length)[:, None] * frequencies
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    grid_h, grid_w = grid_size
+    rows = codes(grid_h)[:, None].expand(grid_h, grid_w, -1)
+    columns = codes(grid_w)[None].expand(grid_h, grid_w, -1)
+    return torch.cat([rows, columns], dim=-1).reshape(grid_h * grid_w, width).to(dtype)
+
+
 class HiABlock(nn.Module):
     """One HiA block for one adapter at one decoder layer: instruction-aware extractor + injection module.
 
@@ -84,7 +103,10 @@ class HiABlock(nn.Module):
         width = config.hidden_size or base_hidden_size
         if width % config.num_heads:
             raise ValueError(f"HiA width {width} is not divisible by num_heads={config.num_heads}")
+        if config.feature_positions == "sincos" and width % 4:
+            raise ValueError(f"HiA width {width} must be a multiple of 4 for feature_positions='sincos'")
         self.instruction_aware = config.instruction_aware
+        self.feature_positions = config.feature_positions
         self.high_res_size = config.high_res_size
         # The shared high-resolution encoder lives in the first block; later blocks reuse its output.
         self.encoder = (
@@ -126,19 +148,32 @@ class HiABlock(nn.Module):
         return self.encoder(high_res_pixel_values.to(parameter.device, parameter.dtype), return_grid_size=True)
 
     def forward(
-        self, visual_tokens: torch.Tensor, instruction_states: torch.Tensor, features: torch.Tensor, need_weights: bool
+        self,
+        visual_tokens: torch.Tensor,
+        instruction_states: torch.Tensor,
+        features: torch.Tensor,
+        need_weights: bool,
+        grid_size: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         visual_tokens `(N, K, H)`: layer output at each image's positions; instruction_states `(N, H)`: h_last of the
-        sample each image belongs to; features `(N, P, D)`. Returns the update for the visual tokens `(N, K, H)` and,
-        when asked, the extractor's attention `(N, M, P)` averaged over heads.
+        sample each image belongs to; features `(N, P, D)`, row-major on a `grid_size` `(grid_h, grid_w)` grid
+        (needed with `feature_positions="sincos"`). Returns the update for the visual tokens `(N, K, H)` and, when
+        asked, the extractor's attention `(N, M, P)` averaged over heads.
         """
         dtype = self.queries.dtype
         visual_tokens, instruction_states = visual_tokens.to(dtype), instruction_states.to(dtype)
         queries = self.queries.unsqueeze(0).expand(visual_tokens.shape[0], -1, -1)
         if self.instruction_aware:
             queries = queries + self.instruction_proj(instruction_states).unsqueeze(1)
-        keys = self.feature_proj(self.feature_norm(features.to(dtype)))
+        features = self.feature_norm(features.to(dtype))
+        if self.feature_positions == "sincos":
+            if grid_size is None or grid_size[0] * grid_size[1] != features.shape[1]:
+                raise ValueError(
+                    f"feature_positions='sincos' needs the grid of the {features.shape[1]} features, got {grid_size}"
+                )
+            features = features + grid_position_codes(grid_size, features.shape[-1], features.device, dtype)
+        keys = self.feature_proj(features)
         extracted, attention = self.extract_attn(
             self.query_norm(queries), keys, keys, need_weights=need_weights, average_attn_weights=True
         )
@@ -219,7 +254,9 @@ class HiALayer(nn.Module, BaseTunerLayer):
         visual_tokens = hidden[batch_index, position_index].view(num_images, image_length, -1)
         image_sample = batch_index.view(num_images, image_length)[:, 0]
         instruction_states = hidden[image_sample, inputs.instruction_end_index.to(device)[image_sample]]
-        update, attention = block(visual_tokens, instruction_states, features, inputs.attentions is not None)
+        update, attention = block(
+            visual_tokens, instruction_states, features, inputs.attentions is not None, inputs.grid_size
+        )
         if attention is not None:
             inputs.attentions.append(attention)
         edited = (visual_tokens + update.to(hidden.dtype)).view(num_tokens, -1)
