@@ -6,7 +6,9 @@ Stages, in order (each writes into `--run` and is skipped when its output exists
 long loops also checkpoint every `--save-every` steps):
 
     vision      the CLIP tower alone at 112 px: a dense lesion map (per patch token and finding kind, BCE with
-                pos_weight 20) plus image-level finding kinds (max over tokens), flips and exposure jitter;
+                pos_weight 20) plus image-level finding kinds (max over tokens), flips and exposure jitter; with
+                `--column-aux`, every token also learns its own column (the two knees are mirror images: without
+                it the tokens barely tell the image's halves apart, and no answer can name the side);
     hr-encoder  HiA's high-resolution encoder alone at 672 px (with `--stem-warmup`, its full-resolution stem
                 first tells flake windows from the same windows of normal knees), on 320-px crops placed on its
                 stride grid, the same dense + image-level loss, batches of 1/3 flake images, 1/3 normal images
@@ -16,8 +18,10 @@ long loops also checkpoint every `--save-every` steps):
     controls-auc  the same without a threshold: AUC of each finding against normal images (validation);
     features    the warmed encoder's grid features at 672 px and at 112 px (the "w/o HR" input) of the first
                 `FEATURE_RECORDS` training records, cached: the encoder stays frozen in the HiA stage;
-    base        instruction tuning of projector + language model on all four tasks, the warmed tower frozen;
-    hia         the HiA blocks (encoder frozen and warmed), three variants: HiA, HiA_wo_IA, HiA_wo_HR;
+    base        instruction tuning of projector + language model on all four tasks, the warmed tower frozen
+                (`--side-aux`: every projected token also tells the side of a finding in its cell);
+    hia         the HiA blocks (encoder frozen and warmed), three variants: HiA, HiA_wo_IA, HiA_wo_HR
+                (`--feature-positions sincos`: HiA's own position codes on the high-resolution grid);
     pointing    the pointing game: HiA's extractor attention inside the finding's box on the high-res grid;
     examples    the shipped single-image examples (normal, post-operative, osteophyte) and `gallery.jsonl`.
 
@@ -293,7 +297,7 @@ def init_model(run):
 
 def train_low_vision(args):
     run = Path(args.run)
-    out = run / "vision_low.pt"
+    out = run / args.output
     if out.is_file():
         return
     train = Split(run / "data", "train", load_high=False)
@@ -301,13 +305,18 @@ def train_low_vision(args):
     probe = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
     trained = probe.parameters()
     if args.tower_from:
-        # A tower this stage already warmed up, taken from a model that kept it frozen afterwards (the shipped demo
-        # model: 2,500 steps on this seed's training split); only the lesion-map head, which the controls read, is
-        # fitted here, on the frozen tower.
-        from qilin_med_vl.modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
+        # A tower this stage already warmed up: from a model that kept it frozen afterwards (the shipped demo model),
+        # or this stage's own output (`.pt`). Without --column-aux only the lesion-map head, which the controls read,
+        # is fitted here, on the frozen tower.
+        if args.tower_from.endswith(".pt"):  # the tower only: the head starts afresh either way
+            state = torch.load(args.tower_from)
+            tower = {key.removeprefix("tower."): value for key, value in state.items() if key.startswith("tower.")}
+            probe.tower.load_state_dict(tower)
+        else:
+            from qilin_med_vl.modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
 
-        source = QilinMedVLForConditionalGeneration.from_pretrained(args.tower_from).model.vision_tower
-        probe.tower.load_state_dict(source.state_dict())
+            source = QilinMedVLForConditionalGeneration.from_pretrained(args.tower_from).model.vision_tower
+            probe.tower.load_state_dict(source.state_dict())
         if not args.column_aux:
             probe.tower.requires_grad_(False)
             trained = probe.head.parameters()
@@ -323,7 +332,7 @@ def train_low_vision(args):
         modules["column_head"] = column_head
         trained = list(probe.parameters()) + list(column_head.parameters())
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.05)
-    ckpt = run / "vision_low.ckpt"
+    ckpt = out.with_suffix(".ckpt")
     step = load_checkpoint(ckpt, modules, optimizer)
     rng = np.random.default_rng(1000 + step)
     probe.train()
@@ -1006,14 +1015,16 @@ def main(argv=None):
     parser.add_argument("--freeze-stem", action="store_true",
                         help="hr-encoder: keep the warmed stem as it is while the rest of the encoder trains")
     parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--output", default="vision_low.pt", help="vision: file of the warmed tower and head")
     parser.add_argument("--tower-from", default=None,
-                        help="vision: take the CLIP tower from this saved model (frozen) and fit the head only")
+                        help="vision: take the CLIP tower from this saved model or this stage's .pt output (frozen, "
+                             "the head fitted only, unless --column-aux)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--flake-normal-weight", type=float, default=2.0,
                         help="hia: how much more often flake and normal records are drawn")
     parser.add_argument("--finding-aux", type=float, default=0.0,
-                        help="hia: weight of the auxiliary loss that makes what HiA extracts tell the image's findings "
-                             "(kind, side, segment) and their severity")
+                        help="hia: weight of the auxiliary loss that makes what HiA extracts tell the image's "
+                             "findings (kind, side, segment) and their severity")
     parser.add_argument("--feature-positions", choices=("none", "sincos"), default="none",
                         help="hia: HiAConfig.feature_positions (where each high-resolution feature sits)")
     parser.add_argument("--finding-aux-at", choices=("extractor", "tokens"), default="extractor",

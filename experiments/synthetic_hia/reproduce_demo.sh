@@ -8,8 +8,9 @@
 # Step counts and learning rates were fixed before looking at the test split (see results/analysis.md).
 #
 # TOWER: where the 112-px CLIP tower comes from. Default: the shipped demo model's tower (the `vision` stage's
-# 2,500 steps on this seed's training split, frozen ever since), of which only the lesion-map head is refitted for
-# the controls; TOWER=scratch trains it here (2,500 steps, about 20-35 min more on 2 shared cores).
+# 2,500 steps on this seed's training split, then 600 steps in which every token also learns its own column; frozen
+# ever since), of which only the lesion-map head is refitted for the controls; TOWER=scratch trains it here (about
+# 25-40 min more on 2 shared cores).
 # COMPARE_WITH: a previously shipped demo model folder, evaluated on the validation split next to the new one.
 set -euo pipefail
 RUN=${1:-runs/demo}
@@ -27,7 +28,7 @@ evaluate() {  # name, model, adapter (or ""), split
     > "$RUN/logs/evaluate-$4-$1.log" 2>&1
 }
 hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 --flake-normal-weight 4 \
-  > "$RUN/logs/hia-$1.log" 2>&1; }
+  --feature-positions sincos > "$RUN/logs/hia-$1.log" 2>&1; }
 
 # 1. data: rendered once, cached as uint8 views (seed 1: a fresh test split)
 [ -n "${SKIP_DATA:-}" ] || [ -f "$RUN/data/cache/test.npz" ] || "$PY" "$HERE/data_cache.py" --output "$RUN/data" --seed 1 --train 2400 \
@@ -37,7 +38,10 @@ hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 --flake
 #    first tells small-flake windows from the same windows of normal knees (300 steps, about 10 s) and is kept as it
 #    is; then the rest of the encoder on 320-px crops on the stride grid, normal images and finding-free crops as
 #    hard negatives, large-to-small flake curriculum
-{ if [ "$TOWER" = scratch ]; then stage vision --steps 2500 --batch-size 32 --lr 1e-3 > "$RUN/logs/vision.log" 2>&1
+{ if [ "$TOWER" = scratch ]; then
+    stage vision --steps 2500 --batch-size 32 --lr 1e-3 --output vision_low_plain.pt > "$RUN/logs/vision-plain.log" 2>&1
+    stage vision --tower-from "$RUN/vision_low_plain.pt" --column-aux 1.0 --steps 600 --batch-size 32 --lr 3e-4 \
+      > "$RUN/logs/vision.log" 2>&1
   else stage vision --tower-from "$TOWER" --steps 300 --batch-size 32 --lr 1e-2 > "$RUN/logs/vision.log" 2>&1; fi
   stage base --steps 1200 --batch-size 12 --lr 1e-3 --side-aux 0.5 > "$RUN/logs/base.log" 2>&1; } &
 stage hr-encoder --stem-warmup 300 --freeze-stem --steps 1200 --batch-size 16 --crop 320 --find-prob 0.5 --curriculum 0.3 \
