@@ -79,6 +79,7 @@ def main(run_dir: str, split: str = "test") -> None:
         if evaluations.is_dir() else []
     table = defaultdict(dict)
     summary = defaultdict(dict)
+    side_right = {}  # variant -> % of location and description answers naming the finding's side (and not the other)
     flake_answers = {}  # variant -> % of disease answers naming the flake disease, small-flake knees / normal knees
     for variant in VARIANTS + extra:
         path = evaluations / variant / "predictions.jsonl"
@@ -86,14 +87,20 @@ def main(run_dir: str, split: str = "test") -> None:
             continue
         counts = defaultdict(lambda: [0, 0])
         named = defaultdict(list)
+        sides = []  # location and description answers about one finding: is its side (右侧 / 左侧) the one named?
         for row in map(json.loads, path.read_text(encoding="utf-8").splitlines()):
             record = records[row["id"]]
+            found = [f for image in record["meta"]["findings"] for f in image]
+            if record["task"] in ("location", "description") and len(found) == 1:
+                other = "左侧" if found[0]["side"] == "右侧" else "右侧"
+                sides.append(found[0]["side"] in row["prediction"] and other not in row["prediction"])
             key = (record["task"], finding_key(record["meta"]))
             counts[key][0] += correct(record, row["prediction"])
             counts[key][1] += 1
             if key[0] in ("disease", "description"):
                 sign = DISEASE_NAMES["flake"] if key[0] == "disease" else FLAKE_FINDING
                 named[key].append(sign in row["prediction"])
+        side_right[variant] = f"{100 * sum(sides) / len(sides):.0f} ({len(sides)})" if sides else "-"
         flake_answers[variant] = [f"{100 * sum(named[task, k]) / len(named[task, k]):.0f}" if named[task, k] else "-"
                                   for task in ("disease", "description") for k in ("flake (small)", "normal")]
         for key, (right, total) in counts.items():
@@ -111,6 +118,8 @@ def main(run_dir: str, split: str = "test") -> None:
     for name, _, _ in SUMMARY_ROWS:
         if name in summary:
             rows.append(f"| {name} | " + " | ".join(summary[name].get(v, "-") for v in variants) + " |")
+    rows.append("| location and description: the finding's side named (右侧 / 左侧) | " + " | ".join(
+        side_right[v] for v in variants) + " |")
     rows.append("| disease: small-flake / normal knees answered 骨质破坏, % | " + " | ".join(
         " / ".join(flake_answers[v][:2]) for v in variants) + " |")
     rows.append(f"| description: small-flake / normal knees reported with {FLAKE_FINDING}, % | " + " | ".join(
