@@ -16,6 +16,7 @@ long loops also checkpoint every `--save-every` steps):
                 large-to-small;
     controls    vision-only accuracy by finding and lesion size on validation and test, low vs high resolution;
     controls-auc  the same without a threshold: AUC of each finding against normal images (validation);
+    tower-columns  how much horizontal position the tower's tokens keep (a linear probe of the image half);
     features    the warmed encoder's grid features at 672 px and at 112 px (the "w/o HR" input) of the first
                 `FEATURE_RECORDS` training records, cached: the encoder stays frozen in the HiA stage;
     base        instruction tuning of projector + language model on all four tasks, the warmed tower frozen
@@ -363,6 +364,36 @@ def train_low_vision(args):
     params = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     run_steps("vision-low", args, step, optimizer, params, ckpt, modules, compute_loss, log_every=50)
     torch.save(probe.state_dict(), out)
+
+
+@torch.no_grad()
+def tower_columns(args):
+    """How much horizontal position the warmed tower's patch tokens keep: a logistic probe (300 Adam steps on 70 % of
+    the validation images' tokens) tells a token's image half from its features; held-out accuracy on the rest
+    (0.5 = none). Prints it and writes `tower_columns.json`."""
+    run = Path(args.run)
+    validation = Split(run / "data", "validation", load_high=False)
+    model = init_model(run)
+    probe = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
+    probe.load_state_dict(torch.load(run / "vision_low.pt"))
+    probe.eval()
+    tokens = probe.tower(normalise(validation.low), output_hidden_states=True).hidden_states[-2][:, 1:]
+    images, count, width = tokens.shape
+    grid = int(count**0.5)
+    left = ((torch.arange(count) % grid) < grid // 2).float().repeat(images)
+    features = tokens.reshape(-1, width)
+    features = (features - features.mean(0)) / (features.std(0) + 1e-6)
+    fit = torch.arange(len(features)) < int(0.7 * images) * count  # whole images in each part
+    weight, bias = torch.zeros(width, requires_grad=True), torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(300):
+            optimizer.zero_grad()
+            F.binary_cross_entropy_with_logits(features[fit] @ weight + bias, left[fit]).backward()
+            optimizer.step()
+    accuracy = float((((features[~fit] @ weight + bias) > 0).float() == left[~fit]).float().mean())
+    (run / "tower_columns.json").write_text(json.dumps({"image_half_from_token": accuracy}) + "\n", encoding="utf-8")
+    print(f"image half told from a tower token (held-out validation images): {accuracy:.3f}")
 
 
 def build_encoder():
@@ -989,7 +1020,7 @@ def examples(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "features", "base", "hia", "pointing", "examples", "controls-auc"])
+    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "features", "base", "hia", "pointing", "examples", "controls-auc", "tower-columns"])
     parser.add_argument("--run", default="runs/demo")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -1033,7 +1064,8 @@ def main(argv=None):
     torch.manual_seed(0)
     random.seed(0)
     {"vision": train_low_vision, "hr-encoder": train_high_vision, "controls": controls, "features": cache_features,
-     "base": train_base, "hia": train_hia, "pointing": pointing, "examples": examples, "controls-auc": controls_auc}[args.stage](args)
+     "base": train_base, "hia": train_hia, "pointing": pointing, "examples": examples, "controls-auc": controls_auc,
+     "tower-columns": tower_columns}[args.stage](args)
 
 
 if __name__ == "__main__":

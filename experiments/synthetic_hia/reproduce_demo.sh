@@ -50,6 +50,7 @@ wait
 # 3. controls table (and its AUC view), the flake-only diagnostic, cached encoder features  ||  base evaluated
 { [ -f "$RUN/controls.json" ] || stage controls > "$RUN/logs/controls.log" 2>&1
   [ -f "$RUN/controls_auc.json" ] || stage controls-auc > "$RUN/logs/controls-auc.log" 2>&1
+  [ -f "$RUN/tower_columns.json" ] || stage tower-columns > "$RUN/logs/tower-columns.log" 2>&1
   [ -f "$RUN/flake_focus.json" ] || "$PY" "$HERE/flake_focus.py" --run "$RUN" --steps 400 > "$RUN/logs/flake-focus.log" 2>&1
   stage features > "$RUN/logs/features.log" 2>&1; } &
 { evaluate base "$RUN/base" "" test; evaluate base "$RUN/base" "" validation
