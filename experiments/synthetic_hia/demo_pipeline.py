@@ -245,10 +245,16 @@ class LowResProbe(nn.Module):
         self.tower = tower
         self.head = nn.Linear(hidden, NUM_KINDS)
 
-    def forward(self, pixel_values):
-        hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]  # (N, 64, C)
+    def tokens(self, pixel_values):
+        """(N, 3, 112, 112) -> the patch tokens the projector reads, (N, 64, C)."""
+        return self.tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+
+    def forward(self, pixel_values, return_tokens=False):
+        """Lesion-map logits (N, NUM_KINDS, 8, 8); with `return_tokens`, also the tokens they were read from."""
+        hidden = self.tokens(pixel_values)
         grid = int(hidden.shape[1] ** 0.5)
-        return self.head(hidden).transpose(1, 2).reshape(len(hidden), NUM_KINDS, grid, grid)
+        logits = self.head(hidden).transpose(1, 2).reshape(len(hidden), NUM_KINDS, grid, grid)
+        return (logits, hidden) if return_tokens else logits
 
 
 class HighResProbe(nn.Module):
@@ -355,9 +361,7 @@ def train_low_vision(args):
         pixels = normalise(images, gain, offset)
         if column_head is None:
             return probe_loss(probe(pixels), dense, kinds, args.pos_weight)
-        hidden = probe.tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # (N, 64, C)
-        grid = int(hidden.shape[1] ** 0.5)
-        logits = probe.head(hidden).transpose(1, 2).reshape(len(hidden), NUM_KINDS, grid, grid)
+        logits, hidden = probe(pixels, return_tokens=True)
         column = F.cross_entropy(column_head(hidden).flatten(0, 1), columns.repeat(len(hidden)))
         return probe_loss(logits, dense, kinds, args.pos_weight) + args.column_aux * column
 
@@ -377,7 +381,7 @@ def tower_columns(args):
     probe = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
     probe.load_state_dict(torch.load(run / "vision_low.pt"))
     probe.eval()
-    tokens = probe.tower(normalise(validation.low), output_hidden_states=True).hidden_states[-2][:, 1:]
+    tokens = probe.tokens(normalise(validation.low))
     images, count, width = tokens.shape
     grid = int(count**0.5)
     left = ((torch.arange(count) % grid) < grid // 2).float().repeat(images)
