@@ -45,6 +45,26 @@ def test_a_visible_finding_is_named(demo):
     assert record["meta"]["disease_name"] in answer
 
 
+def test_hia_reads_the_small_flake_that_the_base_cannot_see(demo):
+    # The shipped pair's first image has one 8 px flake (at 1024 px), invisible to the base's 112 px tower: the base
+    # calls the knee normal, and HiA, reading the high-resolution view, names the flake's disease.
+    from qilin_med_vl.demo import DEMO_MODEL_DIR
+    from qilin_med_vl.loading import load_model_and_processor
+    from qilin_med_vl.synthetic.findings import DISEASE_NAMES
+
+    records = [json.loads(line) for line in (DEMO_EXAMPLES_DIR / "examples.jsonl").read_text("utf-8").splitlines()]
+    record = next(record for record in records if record["task"] == "disease" and record["meta"]["label"] == "flake")
+    assert record["meta"]["findings"][0][0]["size_class"] == "small"
+    image = [str(DEMO_EXAMPLES_DIR / record["images"][0])]
+    question = record["conversations"][0]["value"].split("\n")[-1]
+    model, processor = demo
+    with_hia = generate_report(model, processor, image, question, max_new_tokens=16)
+    base, base_processor = load_model_and_processor(str(DEMO_MODEL_DIR), None, "cpu")
+    without_hia = generate_report(base, base_processor, image, question, max_new_tokens=16)
+    flake_disease = DISEASE_NAMES["flake"]
+    assert flake_disease in with_hia and flake_disease not in without_hia, (with_hia, without_hia)
+
+
 def test_the_shipped_adapter_names_no_local_base_path():
     from qilin_med_vl.demo import DEMO_MODEL_DIR
 
