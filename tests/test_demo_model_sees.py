@@ -18,8 +18,9 @@ def demo():
     return load_model_and_processor(str(DEMO_MODEL_DIR), "hia", "cpu")
 
 
-def gallery(task):
-    records = [json.loads(line) for line in (DEMO_EXAMPLES_DIR / "gallery.jsonl").read_text("utf-8").splitlines()]
+def gallery(task, file="gallery.jsonl"):
+    """The shipped single-image records of `task`: the gallery's, or those of the before/after pair's images."""
+    records = [json.loads(line) for line in (DEMO_EXAMPLES_DIR / file).read_text("utf-8").splitlines()]
     return [record for record in records if record["task"] == task]
 
 
@@ -52,8 +53,7 @@ def test_hia_reads_the_small_flake_that_the_base_cannot_see(demo):
     from qilin_med_vl.loading import load_model_and_processor
     from qilin_med_vl.synthetic.findings import DISEASE_NAMES
 
-    records = [json.loads(line) for line in (DEMO_EXAMPLES_DIR / "examples.jsonl").read_text("utf-8").splitlines()]
-    record = next(record for record in records if record["task"] == "disease" and record["meta"]["label"] == "flake")
+    record = next(record for record in gallery("disease", "examples.jsonl") if record["meta"]["label"] == "flake")
     assert record["meta"]["findings"][0][0]["size_class"] == "small"
     image = [str(DEMO_EXAMPLES_DIR / record["images"][0])]
     question = record["conversations"][0]["value"].split("\n")[-1]

@@ -34,10 +34,10 @@ hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 --flake
 [ -n "${SKIP_DATA:-}" ] || [ -f "$RUN/data/cache/test.npz" ] || "$PY" "$HERE/data_cache.py" --output "$RUN/data" --seed 1 --train 2400 \
   --validation 200 --test 400 --workers 2 > "$RUN/logs/data.log" 2>&1
 # 2. the 112-px tower (then the language model on it, frozen; each projected image token also learns the side of a
-#    finding in its cell; normal knees drawn 3x, so that a knee that looks normal at 112 px is called normal)  ||  HiA's encoder at 672 px: its full-resolution stem
-#    first tells small-flake windows from the same windows of normal knees (300 steps, about 10 s) and is kept as it
-#    is; then the rest of the encoder on 320-px crops on the stride grid, normal images and finding-free crops as
-#    hard negatives, large-to-small flake curriculum
+#    finding in its cell; normal knees drawn 3x, so that a knee that looks normal at 112 px is called normal)
+#    ||  HiA's encoder at 672 px: its full-resolution stem first tells small-flake windows from the same windows of
+#    normal knees (300 steps, about 10 s) and is kept as it is; then the rest of the encoder on 320-px crops on the
+#    stride grid, normal images and finding-free crops as hard negatives, large-to-small flake curriculum
 { if [ "$TOWER" = scratch ]; then
     stage vision --steps 2500 --batch-size 32 --lr 1e-3 --output vision_low_plain.pt > "$RUN/logs/vision-plain.log" 2>&1
     stage vision --tower-from "$RUN/vision_low_plain.pt" --column-aux 1.0 --steps 600 --batch-size 32 --lr 3e-4 \
