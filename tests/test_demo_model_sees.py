@@ -10,12 +10,16 @@ from qilin_med_vl.demo import DEMO_EXAMPLES_DIR, demo_model_available, generate_
 pytestmark = pytest.mark.skipif(not demo_model_available(), reason="the embedded demo model is not installed")
 
 
-@pytest.fixture(scope="module")
-def demo():
+def load_demo(adapter):
     from qilin_med_vl.demo import DEMO_MODEL_DIR
     from qilin_med_vl.loading import load_model_and_processor
 
-    return load_model_and_processor(str(DEMO_MODEL_DIR), "hia", "cpu")
+    return load_model_and_processor(str(DEMO_MODEL_DIR), adapter, "cpu")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_demo("hia")
 
 
 def gallery(task, file="gallery.jsonl"):
@@ -24,14 +28,18 @@ def gallery(task, file="gallery.jsonl"):
     return [record for record in records if record["task"] == task]
 
 
+def question(record):
+    """The record's question without its image placeholders."""
+    return record["conversations"][0]["value"].split("\n")[-1]
+
+
 def test_disease_answers_depend_on_the_image(demo):
     model, processor = demo
     records = gallery("disease")
     assert len({record["meta"]["label"] for record in records}) == len(records) >= 2
-    question = records[0]["conversations"][0]["value"].split("\n")[-1]
     answers = {
         record["meta"]["label"]: generate_report(
-            model, processor, [str(DEMO_EXAMPLES_DIR / record["images"][0])], question, max_new_tokens=16)
+            model, processor, [str(DEMO_EXAMPLES_DIR / record["images"][0])], question(record), max_new_tokens=16)
         for record in records
     }
     assert len(set(answers.values())) >= 2, answers  # an image-blind model gives one answer to every image
@@ -40,8 +48,7 @@ def test_disease_answers_depend_on_the_image(demo):
 def test_a_visible_finding_is_named(demo):
     model, processor = demo
     record = next(record for record in gallery("disease") if record["meta"]["label"] == "postop")
-    question = record["conversations"][0]["value"].split("\n")[-1]
-    answer = generate_report(model, processor, [str(DEMO_EXAMPLES_DIR / record["images"][0])], question,
+    answer = generate_report(model, processor, [str(DEMO_EXAMPLES_DIR / record["images"][0])], question(record),
                              max_new_tokens=16)
     assert record["meta"]["disease_name"] in answer
 
@@ -49,18 +56,15 @@ def test_a_visible_finding_is_named(demo):
 def test_hia_reads_the_small_flake_that_the_base_cannot_see(demo):
     # The shipped pair's first image has one 8 px flake (at 1024 px), invisible to the base's 112 px tower: the base
     # calls the knee normal, and HiA, reading the high-resolution view, names the flake's disease.
-    from qilin_med_vl.demo import DEMO_MODEL_DIR
-    from qilin_med_vl.loading import load_model_and_processor
     from qilin_med_vl.synthetic.findings import DISEASE_NAMES
 
     record = next(record for record in gallery("disease", "examples.jsonl") if record["meta"]["label"] == "flake")
     assert record["meta"]["findings"][0][0]["size_class"] == "small"
     image = [str(DEMO_EXAMPLES_DIR / record["images"][0])]
-    question = record["conversations"][0]["value"].split("\n")[-1]
     model, processor = demo
-    with_hia = generate_report(model, processor, image, question, max_new_tokens=16)
-    base, base_processor = load_model_and_processor(str(DEMO_MODEL_DIR), None, "cpu")
-    without_hia = generate_report(base, base_processor, image, question, max_new_tokens=16)
+    with_hia = generate_report(model, processor, image, question(record), max_new_tokens=16)
+    base, base_processor = load_demo(None)  # as `qilin-med-vl demo --no-adapter` loads it
+    without_hia = generate_report(base, base_processor, image, question(record), max_new_tokens=16)
     flake_disease = DISEASE_NAMES["flake"]
     assert flake_disease in with_hia and flake_disease not in without_hia, (with_hia, without_hia)
 
