@@ -17,8 +17,11 @@ long loops also checkpoint every `--save-every` steps):
     controls    vision-only accuracy by finding and lesion size on validation and test, low vs high resolution;
     controls-auc  the same without a threshold: AUC of each finding against normal images (validation);
     tower-columns  how much horizontal position the tower's tokens keep (a linear probe of the image half);
+    controls-pairs  vision-only control of the comparative row: how a flake changed, told from the probes' flake
+                maps of a pair's two images (a logistic regression fitted on training pairs);
     features    the warmed encoder's grid features at 672 px and at 112 px (the "w/o HR" input) of the first
-                `FEATURE_RECORDS` training records, cached: the encoder stays frozen in the HiA stage;
+                first `--feature-records` training records (default all), cached: the encoder stays frozen in
+                the HiA stage, which trains on the records the cache holds;
     base        instruction tuning of projector + language model on all four tasks, the warmed tower frozen
                 (`--side-aux`: every projected token also tells the side of a finding in its cell);
     hia         the HiA blocks (encoder frozen and warmed), three variants: HiA, HiA_wo_IA, HiA_wo_HR
@@ -670,10 +673,66 @@ def controls_auc(args):
     print(text)
 
 
+CHANGES = ("improved", "worsened", "unchanged")  # of a flake pair; "postop" is left out (the implant tells it)
+PAIR_CHANGES = (*CHANGES, "postop")
+
+
+@torch.no_grad()
+def controls_pairs(args):
+    """Vision-only control for the comparative row: can the frozen probes tell how a flake changed between a pair's
+    two images? Per image, the probe's flake channel gives its strongest cell (max logit) and its extent (cells above
+    0); a multinomial logistic regression on the pair's (before, after, after - before) of both is fitted on the
+    training split's flake pairs and scored on the validation and test ones (chance: about 1/3). Low and high
+    resolution side by side; writes `controls_pairs.json`."""
+    run = Path(args.run)
+    model = init_model(run)
+    low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
+    low.load_state_dict(torch.load(run / "vision_low.pt"))
+    high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"], channels_last=True)
+    high.load_state_dict(torch.load(run / "vision_high.pt"))
+
+    def pairs(split):
+        chosen = [r for r, record in enumerate(split.records) if record["task"] == "comparative"
+                  and record["meta"]["kind"] == "flake" and record["meta"]["change"] in CHANGES]
+        labels = torch.tensor([CHANGES.index(split.records[r]["meta"]["change"]) for r in chosen])
+        small = torch.tensor([split.records[r]["meta"]["findings"][0][0]["size_class"] == "small" for r in chosen])
+        images = [split.images_of[r] for r in chosen]  # (before, after) of each pair
+        return images, labels, small
+
+    def pair_features(probe, pixels, images, batch_size):
+        flake = probe_predictions(probe, pixels[[i for pair in images for i in pair]], batch_size)[:, 0].flatten(1)
+        per_image = torch.stack([flake.amax(-1), (flake > 0).float().sum(-1).add(1).log()], -1).view(-1, 2, 2)
+        return torch.cat([per_image[:, 0], per_image[:, 1], per_image[:, 1] - per_image[:, 0]], -1)  # (pairs, 6)
+
+    splits = {name: Split(run / "data", name) for name in ("train", "validation", "test")}
+    table = {}
+    for name, probe, resolution, batch_size in (("low 112 (CLIP tower)", low, "low", 64),
+                                                ("high 672 (HiA encoder)", high, "high", 16)):
+        data = {}
+        for split_name, split in splits.items():
+            images, labels, small = pairs(split)
+            data[split_name] = (pair_features(probe, getattr(split, resolution), images, batch_size), labels, small)
+        x, y, _ = data["train"]
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        classifier = nn.Linear(x.shape[1], len(CHANGES))
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=0.05)
+        with torch.enable_grad():
+            for _ in range(500):
+                optimizer.zero_grad()
+                loss = F.cross_entropy(classifier((x - mean) / std), y) + 1e-3 * classifier.weight.pow(2).sum()
+                loss.backward()
+                optimizer.step()
+        row = {}
+        for split_name, (x, y, small) in data.items():
+            right = classifier((x - mean) / std).argmax(-1) == y
+            row[split_name] = {"small flakes": [int(right[small].sum()), int(small.sum())],
+                               "all flakes": [int(right.sum()), len(right)]}
+        table[name] = row
+        log(name, json.dumps(row))
+    (run / "controls_pairs.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+
+
 # --- cached high-resolution features ------------------------------------------------------------------------------
-
-FEATURE_RECORDS = 1000
-
 
 @torch.no_grad()
 def cache_features(args):
@@ -687,9 +746,10 @@ def cache_features(args):
         if out.is_file():
             continue
         split = Split(run / "data", split_name)
-        # The HiA stage sees the first `FEATURE_RECORDS` training records (their images come first in the cache):
-        # encoding every training image at 672 px would cost more CPU time than the HiA stage itself.
-        count = split.images_of[min(FEATURE_RECORDS, len(split.records)) - 1][-1] + 1
+        # The HiA stage sees the records whose images are cached (the first ones: their images come first). Runs
+        # A-F cached 1,000 of the 2,400 records; every record (about 6 min more on one core) gives HiA 2.4x as many
+        # distinct comparative pairs.
+        count = split.images_of[min(args.feature_records or len(split.records), len(split.records)) - 1][-1] + 1
         high, low = [], []
         start = time.time()
         for i in range(0, count, 8):
@@ -790,7 +850,12 @@ def train_base(args):
         # "a finding in this token's cell, on the image's left / right half" linearly readable from every projected
         # image token, so that any attention over the image tokens carries the side. The head is dropped afterwards.
         # --side-aux-kinds: the same per kind (which finding, on which half).
-        side_head = nn.Linear(model.config.text_config.hidden_size, 2 * (NUM_KINDS if args.side_aux_kinds else 1))
+        # --side-aux-segments: per side and bone segment instead (the segment of a location answer: 股骨 / 胫骨 /
+        # 间隙), from the findings' own side and location.
+        channels = 2 * (NUM_KINDS if args.side_aux_kinds else 1)
+        if args.side_aux_segments:
+            channels = len(SIDES) * len(SEGMENTS)
+        side_head = nn.Linear(model.config.text_config.hidden_size, channels)
         modules["side_head"] = side_head
         projected = {}
         hook = model.model.multi_modal_projector.register_forward_hook(
@@ -808,6 +873,21 @@ def train_base(args):
     # normal, which is what a low-resolution reader should say and what HiA is there to correct.
     weights = np.array([args.normal_weight if r["meta"]["label"] == "normal" else 1.0 for r in train.records])
 
+    located = {}
+
+    def located_findings(image, grid):
+        """(grid * grid, sides * segments) target: 1 where the cell overlaps a finding on that side and segment."""
+        if image not in located:
+            target = torch.zeros(len(SIDES), len(SEGMENTS), grid, grid)
+            findings = train.records[train.record[image]]["meta"]["findings"][train.view[image]]
+            for slot, finding in enumerate(findings[:3]):
+                cells = lesion_map(train.boxes[image][slot : slot + 1], train.kinds[image][slot : slot + 1], grid)
+                segment = next(i for i, name in enumerate(SEGMENTS) if name in finding["location"])
+                side = SIDES.index(finding["side"])
+                target[side, segment] = torch.maximum(target[side, segment], cells.amax(0))
+            located[image] = target.flatten(0, 1).flatten(1).T
+        return located[image]
+
     def compute_loss():
         batch, images = batcher(task_batches(train.records, args.batch_size, rng, weights))
         loss = model(**batch).loss
@@ -815,6 +895,10 @@ def train_base(args):
             return loss
         tokens = projected["tokens"]  # (images, grid * grid, hidden)
         grid = int(tokens.shape[1] ** 0.5)
+        if args.side_aux_segments:
+            target = torch.stack([located_findings(i, grid) for i in images])  # (images, grid * grid, 6)
+            side = F.binary_cross_entropy_with_logits(side_head(tokens), target, pos_weight=torch.tensor(10.0))
+            return loss + args.side_aux * side
         found = torch.stack([lesion_map(train.boxes[i], train.kinds[i], grid) for i in images])  # (N, kinds, g, g)
         found = found if args.side_aux_kinds else found.amax(1, keepdim=True)
         left = (torch.arange(grid) < grid // 2).float().view(1, 1, 1, grid)
@@ -862,7 +946,8 @@ def train_hia(args):
         grid = int(features.shape[1] ** 0.5)
         model, owner = hia_model(run, variant, args.feature_positions)
         processor = load_processor(run, VARIANTS[variant]["high_res_size"])
-        train.records = train.records[: min(FEATURE_RECORDS, len(train.records))]  # those with cached features
+        cached = sum(1 for images in train.images_of if images[-1] < len(features))
+        train.records = train.records[:cached]  # those with cached features (the first ones)
         batcher = Batcher(processor, train)
         current = {}
         owner.encode = lambda pixels: (current["features"], (grid, grid))  # the frozen encoder's cached output
@@ -898,6 +983,20 @@ def train_hia(args):
             else:
                 hook = last_block.extract_attn.register_forward_hook(  # values: (N, 1, D)
                     lambda module, inputs, output: captured.update(values=output[0].mean(1, keepdim=True)))
+        pair_head = None
+        if args.pair_aux:
+            # A pair's change is read from two images' findings, but nothing in the language-model loss asks the
+            # extractor for amounts that can be compared across images. On comparative batches, a linear head on
+            # the two images' extracted values (mean over queries of the last HiA block: before, after, and their
+            # difference) must tell the change. The head is dropped after training.
+            last_block = [m for m in model.modules() if isinstance(m, type(owner))][-1]  # HiABlock
+            pair_head = nn.Linear(3 * HIA_KWARGS["hidden_size"], len(PAIR_CHANGES))
+            modules["pair_head"] = pair_head
+            params += list(pair_head.parameters())
+            optimizer.add_param_group({"params": list(pair_head.parameters())})
+            extracted = {}
+            pair_hook = last_block.extract_attn.register_forward_hook(  # (images, D)
+                lambda module, inputs, output: extracted.update(values=output[0].mean(1)))
         step = load_checkpoint(ckpt, modules, optimizer)
         rng = np.random.default_rng(4000 + step)
         model.train()
@@ -910,10 +1009,17 @@ def train_hia(args):
             return answers[image]
 
         def compute_loss():
-            batch, images = batcher(task_batches(train.records, args.batch_size, rng, weights))
+            records = task_batches(train.records, args.batch_size, rng, weights)
+            batch, images = batcher(records)
             current["features"] = features[images].float()
             batch["high_res_pixel_values"] = torch.zeros(len(images), 3, 1, 1)
             loss = model(**batch).loss
+            if pair_head is not None and train.records[records[0]]["task"] == "comparative":
+                values = extracted["values"].view(len(records), 2, -1)  # (pairs, before / after, D)
+                before, after = values[:, 0], values[:, 1]
+                change = torch.tensor([PAIR_CHANGES.index(train.records[r]["meta"]["change"]) for r in records])
+                loss = loss + args.pair_aux * F.cross_entropy(
+                    pair_head(torch.cat([before, after, after - before], -1)), change)
             if aux_head is None:
                 return loss
             logits = aux_head(captured["values"])  # (images, tokens or 1, kinds * sides * segments + NUM_KINDS)
@@ -927,6 +1033,8 @@ def train_hia(args):
         run_steps(variant, args, step, optimizer, params, ckpt, modules, compute_loss, warmup=30)
         if hook is not None:
             hook.remove()
+        if pair_head is not None:
+            pair_hook.remove()
         del owner.encode
         model.eval()
         model.save_pretrained(out)
@@ -1029,7 +1137,8 @@ def examples(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "features", "base", "hia", "pointing", "examples", "controls-auc", "tower-columns"])
+    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "features", "base", "hia", "pointing", "examples", "controls-auc", "tower-columns",
+                                          "controls-pairs"])
     parser.add_argument("--run", default="runs/demo")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -1051,6 +1160,9 @@ def main(argv=None):
                         help="base: how much more often records of normal knees are drawn")
     parser.add_argument("--side-aux-kinds", action="store_true",
                         help="base: the side auxiliary per finding kind (which finding, on which half)")
+    parser.add_argument("--side-aux-segments", action="store_true",
+                        help="base: the side auxiliary per side and bone segment of each finding (which bone, "
+                             "which knee)")
     parser.add_argument("--column-aux", type=float, default=0.0,
                         help="vision: weight of the auxiliary loss that makes each tower token tell its own column "
                              "(with --tower-from: the tower is tuned, not frozen)")
@@ -1062,6 +1174,8 @@ def main(argv=None):
                         help="vision: take the CLIP tower from this saved model or this stage's .pt output (frozen, "
                              "the head fitted only, unless --column-aux)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--feature-records", type=int, default=0,
+                        help="features: cache the high-resolution features of this many training records (0: all)")
     parser.add_argument("--flake-normal-weight", type=float, default=2.0,
                         help="hia: how much more often flake and normal records are drawn")
     parser.add_argument("--finding-aux", type=float, default=0.0,
@@ -1069,6 +1183,9 @@ def main(argv=None):
                              "findings (kind, side, segment) and their severity")
     parser.add_argument("--feature-positions", choices=("none", "sincos"), default="none",
                         help="hia: HiAConfig.feature_positions (where each high-resolution feature sits)")
+    parser.add_argument("--pair-aux", type=float, default=0.0,
+                        help="hia: weight of the auxiliary loss that makes the change of a comparative pair readable "
+                             "from its two images' extracted values")
     parser.add_argument("--finding-aux-at", choices=("extractor", "tokens"), default="extractor",
                         help="hia: what the finding auxiliary reads (see train_hia)")
     args = parser.parse_args(argv)
@@ -1076,7 +1193,7 @@ def main(argv=None):
     random.seed(0)
     {"vision": train_low_vision, "hr-encoder": train_high_vision, "controls": controls, "features": cache_features,
      "base": train_base, "hia": train_hia, "pointing": pointing, "examples": examples, "controls-auc": controls_auc,
-     "tower-columns": tower_columns}[args.stage](args)
+     "tower-columns": tower_columns, "controls-pairs": controls_pairs}[args.stage](args)
 
 
 if __name__ == "__main__":
