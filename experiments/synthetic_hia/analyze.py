@@ -128,6 +128,16 @@ def main(run_dir: str, split: str = "test") -> None:
             "## Finding-level accuracy by task and finding, % (count)\n\n" + "\n".join(lines) + "\n")
     if (run / "controls.md").is_file():
         text += "\n## Vision-only controls\n" + (run / "controls.md").read_text(encoding="utf-8")
+    if (run / "controls_pairs.json").is_file():
+        pairs = json.loads((run / "controls_pairs.json").read_text(encoding="utf-8"))
+        text += ("\nVision-only control of the comparative row: a flake pair's change (improved / worsened / unchanged;"
+                 " post-operative pairs left out) told from the probes' flake maps of its two images by a logistic "
+                 "regression fitted on the training pairs; % (count), chance about 33\n\n"
+                 "| path | validation, small flakes | validation, all flakes | test, small flakes | test, all flakes |"
+                 "\n|---|---|---|---|---|\n")
+        for name, row in pairs.items():
+            cells = [row[part][k] for part in ("validation", "test") for k in ("small flakes", "all flakes")]
+            text += f"| {name} | " + " | ".join(f"{100 * r / max(n, 1):.0f} ({n})" for r, n in cells) + " |\n"
     if (run / "pointing.json").is_file():
         pointing = json.loads((run / "pointing.json").read_text(encoding="utf-8"))
         text += ("\n## Pointing game (HiA extractor attention on the high-resolution grid, test images with one finding)"

@@ -916,7 +916,7 @@ def train_base(args):
     processor.save_pretrained(out)
 
 
-def hia_model(run, variant, feature_positions="none"):
+def hia_model(run, variant, feature_positions="none", seed=0):
     from peft import get_peft_model
 
     import qilin_med_vl  # noqa: F401
@@ -926,7 +926,7 @@ def hia_model(run, variant, feature_positions="none"):
 
     model = QilinMedVLForConditionalGeneration.from_pretrained(Path(run) / "base")
     model.requires_grad_(False)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = get_peft_model(model, HiAConfig(**HIA_KWARGS, **VARIANTS[variant], feature_positions=feature_positions))
     owner = next(m for m in model.modules() if isinstance(m, HiABlock) and m.encoder is not None)
     probe = HighResProbe(owner.encoder, HIA_KWARGS["hidden_size"])
@@ -944,7 +944,7 @@ def train_hia(args):
         train = Split(run / "data", "train", load_high=False)
         features = torch.load(run / "features_train.pt")[str(VARIANTS[variant]["high_res_size"])]
         grid = int(features.shape[1] ** 0.5)
-        model, owner = hia_model(run, variant, args.feature_positions)
+        model, owner = hia_model(run, variant, args.feature_positions, args.seed)
         processor = load_processor(run, VARIANTS[variant]["high_res_size"])
         cached = sum(1 for images in train.images_of if images[-1] < len(features))
         train.records = train.records[:cached]  # those with cached features (the first ones)
@@ -998,7 +998,7 @@ def train_hia(args):
             pair_hook = last_block.extract_attn.register_forward_hook(  # (images, D)
                 lambda module, inputs, output: extracted.update(values=output[0].mean(1)))
         step = load_checkpoint(ckpt, modules, optimizer)
-        rng = np.random.default_rng(4000 + step)
+        rng = np.random.default_rng(4000 + step + 100_000 * args.seed)
         model.train()
         owner.encoder.eval()
 
@@ -1174,6 +1174,8 @@ def main(argv=None):
                         help="vision: take the CLIP tower from this saved model or this stage's .pt output (frozen, "
                              "the head fitted only, unless --column-aux)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--seed", type=int, default=0,
+                        help="hia: seed of the adapter's initialisation and of its batches (0: the shipped runs)")
     parser.add_argument("--feature-records", type=int, default=0,
                         help="features: cache the high-resolution features of this many training records (0: all)")
     parser.add_argument("--flake-normal-weight", type=float, default=2.0,

@@ -47,9 +47,11 @@ hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 --flake
 stage hr-encoder --stem-warmup 300 --freeze-stem --steps 1200 --batch-size 16 --crop 320 --find-prob 0.5 --curriculum 0.3 \
   --pos-weight 10 --lr 1e-3 --eval-every 300 > "$RUN/logs/hr-encoder.log" 2>&1 &
 wait
-# 3. controls table (and its AUC view), the flake-only diagnostic, cached encoder features  ||  base evaluated
+# 3. controls table (its AUC view, and the comparative row's vision-only control), the flake-only diagnostic, cached
+#    encoder features of every training record  ||  base evaluated
 { [ -f "$RUN/controls.json" ] || stage controls > "$RUN/logs/controls.log" 2>&1
   [ -f "$RUN/controls_auc.json" ] || stage controls-auc > "$RUN/logs/controls-auc.log" 2>&1
+  [ -f "$RUN/controls_pairs.json" ] || stage controls-pairs > "$RUN/logs/controls-pairs.log" 2>&1
   [ -f "$RUN/tower_columns.json" ] || stage tower-columns > "$RUN/logs/tower-columns.log" 2>&1
   [ -f "$RUN/flake_focus.json" ] || "$PY" "$HERE/flake_focus.py" --run "$RUN" --steps 400 > "$RUN/logs/flake-focus.log" 2>&1
   stage features > "$RUN/logs/features.log" 2>&1; } &
