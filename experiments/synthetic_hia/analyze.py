@@ -133,11 +133,13 @@ def main(run_dir: str, split: str = "test") -> None:
         text += ("\nVision-only control of the comparative row: a flake pair's change (improved / worsened / unchanged;"
                  " post-operative pairs left out) told from the probes' flake maps of its two images by a logistic "
                  "regression fitted on the training pairs; % (count), chance about 33\n\n"
-                 "| path | validation, small flakes | validation, all flakes | test, small flakes | test, all flakes |"
-                 "\n|---|---|---|---|---|\n")
+                 "| path | validation, small flakes | validation, all flakes | test, small flakes | test, all flakes | "
+                 "test, small: improved / worsened / unchanged |\n|---|---|---|---|---|---|\n")
         for name, row in pairs.items():
             cells = [row[part][k] for part in ("validation", "test") for k in ("small flakes", "all flakes")]
-            text += f"| {name} | " + " | ".join(f"{100 * r / max(n, 1):.0f} ({n})" for r, n in cells) + " |\n"
+            by_change = " / ".join(f"{r} of {n}" for r, n in (row["test"].get(f"small, {c}", [0, 0])
+                                                                for c in ("improved", "worsened", "unchanged")))
+            text += f"| {name} | " + " | ".join(f"{100 * r / max(n, 1):.0f} ({n})" for r, n in cells) + f" | {by_change} |\n"
     if (run / "pointing.json").is_file():
         pointing = json.loads((run / "pointing.json").read_text(encoding="utf-8"))
         text += ("\n## Pointing game (HiA extractor attention on the high-resolution grid, test images with one finding)"

@@ -727,6 +727,9 @@ def controls_pairs(args):
             right = classifier((x - mean) / std).argmax(-1) == y
             row[split_name] = {"small flakes": [int(right[small].sum()), int(small.sum())],
                                "all flakes": [int(right.sum()), len(right)]}
+            for index, change in enumerate(CHANGES):  # small flakes by change
+                chosen = small & (y == index)
+                row[split_name][f"small, {change}"] = [int(right[chosen].sum()), int(chosen.sum())]
         table[name] = row
         log(name, json.dumps(row))
     (run / "controls_pairs.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
@@ -916,7 +919,7 @@ def train_base(args):
     processor.save_pretrained(out)
 
 
-def hia_model(run, variant, feature_positions="none", seed=0):
+def hia_model(run, variant, feature_positions="none", seed=0, layers=None):
     from peft import get_peft_model
 
     import qilin_med_vl  # noqa: F401
@@ -927,7 +930,10 @@ def hia_model(run, variant, feature_positions="none", seed=0):
     model = QilinMedVLForConditionalGeneration.from_pretrained(Path(run) / "base")
     model.requires_grad_(False)
     torch.manual_seed(seed)
-    model = get_peft_model(model, HiAConfig(**HIA_KWARGS, **VARIANTS[variant], feature_positions=feature_positions))
+    kwargs = {**HIA_KWARGS, **VARIANTS[variant], "feature_positions": feature_positions}
+    if layers:
+        kwargs["layers"] = layers
+    model = get_peft_model(model, HiAConfig(**kwargs))
     owner = next(m for m in model.modules() if isinstance(m, HiABlock) and m.encoder is not None)
     probe = HighResProbe(owner.encoder, HIA_KWARGS["hidden_size"])
     probe.load_state_dict(torch.load(Path(run) / "vision_high.pt"))  # the warmed encoder, in place
@@ -944,7 +950,7 @@ def train_hia(args):
         train = Split(run / "data", "train", load_high=False)
         features = torch.load(run / "features_train.pt")[str(VARIANTS[variant]["high_res_size"])]
         grid = int(features.shape[1] ** 0.5)
-        model, owner = hia_model(run, variant, args.feature_positions, args.seed)
+        model, owner = hia_model(run, variant, args.feature_positions, args.seed, args.hia_layers)
         processor = load_processor(run, VARIANTS[variant]["high_res_size"])
         cached = sum(1 for images in train.images_of if images[-1] < len(features))
         train.records = train.records[:cached]  # those with cached features (the first ones)
@@ -1174,6 +1180,8 @@ def main(argv=None):
                         help="vision: take the CLIP tower from this saved model or this stage's .pt output (frozen, "
                              "the head fitted only, unless --column-aux)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--hia-layers", type=int, nargs="+", default=None,
+                        help="hia: the decoder layers HiA follows (default: HIA_KWARGS['layers'])")
     parser.add_argument("--seed", type=int, default=0,
                         help="hia: seed of the adapter's initialisation and of its batches (0: the shipped runs)")
     parser.add_argument("--feature-records", type=int, default=0,

@@ -12,6 +12,8 @@
 # ever since), of which only the lesion-map head is refitted for the controls; TOWER=scratch trains it here (about
 # 25-40 min more on 2 shared cores).
 # COMPARE_WITH: a previously shipped demo model folder, evaluated on the validation split next to the new one.
+# FEATURE_RECORDS: cache HiA's high-resolution features for this many training records only (default all; runs A-F
+# used 1000).
 set -euo pipefail
 RUN=${1:-runs/demo}
 PY=${PYTHON:-python}
@@ -54,7 +56,7 @@ wait
   [ -f "$RUN/controls_pairs.json" ] || stage controls-pairs > "$RUN/logs/controls-pairs.log" 2>&1
   [ -f "$RUN/tower_columns.json" ] || stage tower-columns > "$RUN/logs/tower-columns.log" 2>&1
   [ -f "$RUN/flake_focus.json" ] || "$PY" "$HERE/flake_focus.py" --run "$RUN" --steps 400 > "$RUN/logs/flake-focus.log" 2>&1
-  stage features > "$RUN/logs/features.log" 2>&1; } &
+  stage features ${FEATURE_RECORDS:+--feature-records "$FEATURE_RECORDS"} > "$RUN/logs/features.log" 2>&1; } &
 { evaluate base "$RUN/base" "" test; evaluate base "$RUN/base" "" validation
   if [ -n "${COMPARE_WITH:-}" ]; then evaluate shipped_base "$COMPARE_WITH" "" validation
     evaluate shipped_HiA "$COMPARE_WITH" "$COMPARE_WITH/hia" validation; fi; } &
