@@ -56,7 +56,7 @@ REFERENCE = 1024
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 HIA_KWARGS = dict(num_queries=32, num_heads=4, hidden_size=128, encoder_depths=[1, 1, 1, 1], encoder_width=16,
-                  encoder_stem="full_resolution", layers=[1, 2])
+                  encoder_stem="full_resolution", layers=[0, 1, 2])  # runs D-F: [1, 2]
 HIGH = 672  # side of the high-resolution view
 VARIANTS = {"HiA": dict(high_res_size=672, instruction_aware=True),
             "HiA_wo_IA": dict(high_res_size=672, instruction_aware=False),
