@@ -20,8 +20,8 @@ long loops also checkpoint every `--save-every` steps):
     controls-pairs  vision-only control of the comparative row: how a flake changed, told from the probes' flake
                 maps of a pair's two images (a logistic regression fitted on training pairs);
     features    the warmed encoder's grid features at 672 px and at 112 px (the "w/o HR" input) of the first
-                first `--feature-records` training records (default all), cached: the encoder stays frozen in
-                the HiA stage, which trains on the records the cache holds;
+                `--feature-records` training records (default all), cached: the encoder stays frozen in the HiA
+                stage, which trains on the records the cache holds;
     base        instruction tuning of projector + language model on all four tasks, the warmed tower frozen
                 (`--side-aux`: every projected token also tells the side of a finding in its cell);
     hia         the HiA blocks (encoder frozen and warmed), three variants: HiA, HiA_wo_IA, HiA_wo_HR
@@ -673,8 +673,7 @@ def controls_auc(args):
     print(text)
 
 
-CHANGES = ("improved", "worsened", "unchanged")  # of a flake pair; "postop" is left out (the implant tells it)
-PAIR_CHANGES = (*CHANGES, "postop")
+FLAKE_CHANGES = ("improved", "worsened", "unchanged")  # what the pair control reads; "postop" shows an implant
 
 
 @torch.no_grad()
@@ -693,8 +692,8 @@ def controls_pairs(args):
 
     def pairs(split):
         chosen = [r for r, record in enumerate(split.records) if record["task"] == "comparative"
-                  and record["meta"]["kind"] == "flake" and record["meta"]["change"] in CHANGES]
-        labels = torch.tensor([CHANGES.index(split.records[r]["meta"]["change"]) for r in chosen])
+                  and record["meta"]["kind"] == "flake" and record["meta"]["change"] in FLAKE_CHANGES]
+        labels = torch.tensor([FLAKE_CHANGES.index(split.records[r]["meta"]["change"]) for r in chosen])
         small = torch.tensor([split.records[r]["meta"]["findings"][0][0]["size_class"] == "small" for r in chosen])
         images = [split.images_of[r] for r in chosen]  # (before, after) of each pair
         return images, labels, small
@@ -714,7 +713,7 @@ def controls_pairs(args):
             data[split_name] = (pair_features(probe, getattr(split, resolution), images, batch_size), labels, small)
         x, y, _ = data["train"]
         mean, std = x.mean(0), x.std(0) + 1e-6
-        classifier = nn.Linear(x.shape[1], len(CHANGES))
+        classifier = nn.Linear(x.shape[1], len(FLAKE_CHANGES))
         optimizer = torch.optim.Adam(classifier.parameters(), lr=0.05)
         with torch.enable_grad():
             for _ in range(500):
@@ -727,7 +726,7 @@ def controls_pairs(args):
             right = classifier((x - mean) / std).argmax(-1) == y
             row[split_name] = {"small flakes": [int(right[small].sum()), int(small.sum())],
                                "all flakes": [int(right.sum()), len(right)]}
-            for index, change in enumerate(CHANGES):  # small flakes by change
+            for index, change in enumerate(FLAKE_CHANGES):  # small flakes by change
                 chosen = small & (y == index)
                 row[split_name][f"small, {change}"] = [int(right[chosen].sum()), int(chosen.sum())]
         table[name] = row
@@ -967,6 +966,7 @@ def train_hia(args):
         weights = np.array([args.flake_normal_weight if r["meta"]["label"] in ("flake", "normal")
                             or r["meta"].get("kind") == "flake" else 1.0 for r in train.records])
         aux_head, hook = None, None
+        last_block = [m for m in model.modules() if isinstance(m, type(owner))][-1]  # HiABlock
         if args.finding_aux:
             # The language-model loss alone says little about what the extractor should bring back. Make what it
             # brings back tell the image's findings as the answers name them (kind, side, bone segment) and how much
@@ -975,7 +975,6 @@ def train_hia(args):
             # before the injection); tokens: from every image token that block edits. The head is dropped after
             # training.
             answers = {}  # image -> finding_answer, filled as images come
-            last_block = [m for m in model.modules() if isinstance(m, type(owner))][-1]  # HiABlock
             at_tokens = args.finding_aux_at == "tokens"
             width = model.get_base_model().config.text_config.hidden_size if at_tokens else HIA_KWARGS["hidden_size"]
             aux_head = nn.Linear(width, NUM_KINDS * len(SIDES) * len(SEGMENTS) + NUM_KINDS)
@@ -995,8 +994,9 @@ def train_hia(args):
             # extractor for amounts that can be compared across images. On comparative batches, a linear head on
             # the two images' extracted values (mean over queries of the last HiA block: before, after, and their
             # difference) must tell the change. The head is dropped after training.
-            last_block = [m for m in model.modules() if isinstance(m, type(owner))][-1]  # HiABlock
-            pair_head = nn.Linear(3 * HIA_KWARGS["hidden_size"], len(PAIR_CHANGES))
+            from qilin_med_vl.synthetic.findings import CHANGES
+
+            pair_head = nn.Linear(3 * HIA_KWARGS["hidden_size"], len(CHANGES))
             modules["pair_head"] = pair_head
             params += list(pair_head.parameters())
             optimizer.add_param_group({"params": list(pair_head.parameters())})
@@ -1004,7 +1004,7 @@ def train_hia(args):
             pair_hook = last_block.extract_attn.register_forward_hook(  # (images, D)
                 lambda module, inputs, output: extracted.update(values=output[0].mean(1)))
         step = load_checkpoint(ckpt, modules, optimizer)
-        rng = np.random.default_rng(4000 + step + 100_000 * args.seed)
+        rng = np.random.default_rng(4000 + step + 100_000 * args.seed)  # seed 0: the batches of runs A-G
         model.train()
         owner.encoder.eval()
 
@@ -1023,7 +1023,7 @@ def train_hia(args):
             if pair_head is not None and train.records[records[0]]["task"] == "comparative":
                 values = extracted["values"].view(len(records), 2, -1)  # (pairs, before / after, D)
                 before, after = values[:, 0], values[:, 1]
-                change = torch.tensor([PAIR_CHANGES.index(train.records[r]["meta"]["change"]) for r in records])
+                change = torch.tensor([CHANGES.index(train.records[r]["meta"]["change"]) for r in records])
                 loss = loss + args.pair_aux * F.cross_entropy(
                     pair_head(torch.cat([before, after, after - before], -1)), change)
             if aux_head is None:
@@ -1143,8 +1143,8 @@ def examples(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "features", "base", "hia", "pointing", "examples", "controls-auc", "tower-columns",
-                                          "controls-pairs"])
+    parser.add_argument("stage", choices=["vision", "hr-encoder", "controls", "controls-auc", "controls-pairs",
+                                          "tower-columns", "features", "base", "hia", "pointing", "examples"])
     parser.add_argument("--run", default="runs/demo")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
