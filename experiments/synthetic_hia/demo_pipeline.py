@@ -593,13 +593,19 @@ def probe_predictions(probe, images, batch_size=32):
     return torch.cat(logits)
 
 
-def controls(args):
-    run = Path(args.run)
+def load_probes(run):
+    """The warmed 112 px tower and 672 px encoder, each with its lesion-map head: `(LowResProbe, HighResProbe)`."""
     model = init_model(run)
     low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
     low.load_state_dict(torch.load(run / "vision_low.pt"))
     high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"], channels_last=True)
     high.load_state_dict(torch.load(run / "vision_high.pt"))
+    return low, high
+
+
+def controls(args):
+    run = Path(args.run)
+    low, high = load_probes(run)
     rows, results, validation_logits = {}, {}, {}
     for split_name in ("validation", "test"):
         split = Split(run / "data", split_name)
@@ -642,11 +648,7 @@ def controls_auc(args):
     if cached.is_file():
         logits = torch.load(cached)
     else:
-        model = init_model(run)
-        low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
-        low.load_state_dict(torch.load(run / "vision_low.pt"))
-        high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"], channels_last=True)
-        high.load_state_dict(torch.load(run / "vision_high.pt"))
+        low, high = load_probes(run)
     split = Split(run / "data", "validation")
     if not cached.is_file():
         logits = {"low 112 (CLIP tower)": probe_predictions(low, split.low, 64),
@@ -684,11 +686,7 @@ def controls_pairs(args):
     training split's flake pairs and scored on the validation and test ones (chance: about 1/3). Low and high
     resolution side by side; writes `controls_pairs.json`."""
     run = Path(args.run)
-    model = init_model(run)
-    low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
-    low.load_state_dict(torch.load(run / "vision_low.pt"))
-    high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"], channels_last=True)
-    high.load_state_dict(torch.load(run / "vision_high.pt"))
+    low, high = load_probes(run)
 
     def pairs(split):
         chosen = [r for r, record in enumerate(split.records) if record["task"] == "comparative"
