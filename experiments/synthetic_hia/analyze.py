@@ -137,7 +137,7 @@ def main(run_dir: str, split: str = "test") -> None:
                  "test, small: improved / worsened / unchanged |\n|---|---|---|---|---|---|\n")
         for name, row in pairs.items():
             cells = [row[part][k] for part in ("validation", "test") for k in ("small flakes", "all flakes")]
-            by_change = " / ".join(f"{r} of {n}" for r, n in (row["test"].get(f"small, {c}", [0, 0])
+            by_change = " / ".join(f"{r} of {n}" for r, n in (row["test"][f"small, {c}"]
                                                                 for c in ("improved", "worsened", "unchanged")))
             text += f"| {name} | " + " | ".join(f"{100 * r / max(n, 1):.0f} ({n})" for r, n in cells) + f" | {by_change} |\n"
     if (run / "pointing.json").is_file():

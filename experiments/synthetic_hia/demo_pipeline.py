@@ -702,12 +702,13 @@ def controls_pairs(args):
         return torch.cat([per_image[:, 0], per_image[:, 1], per_image[:, 1] - per_image[:, 0]], -1)  # (pairs, 6)
 
     splits = {name: Split(run / "data", name) for name in ("train", "validation", "test")}
+    pairs_of = {split_name: pairs(split) for split_name, split in splits.items()}  # (images, labels, small)
     table = {}
     for name, probe, resolution, batch_size in (("low 112 (CLIP tower)", low, "low", 64),
                                                 ("high 672 (HiA encoder)", high, "high", 16)):
         data = {}
         for split_name, split in splits.items():
-            images, labels, small = pairs(split)
+            images, labels, small = pairs_of[split_name]
             data[split_name] = (pair_features(probe, getattr(split, resolution), images, batch_size), labels, small)
         x, y, _ = data["train"]
         mean, std = x.mean(0), x.std(0) + 1e-6
