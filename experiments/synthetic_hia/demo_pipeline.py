@@ -815,13 +815,14 @@ def load_processor(run, high_res_size=672):
     return processor
 
 
-def task_batches(records, batch_size, rng, weights=None):
-    """Record indices of one task per batch (similar lengths: little padding), tasks drawn in proportion."""
+def task_batches(records, batch_size, rng, weights=None, task_weights=None):
+    """Record indices of one task per batch (similar lengths: little padding), tasks drawn in proportion to their
+    records times `task_weights[task]` (default 1), records within the task in proportion to `weights`."""
     by_task = {}
     for index, record in enumerate(records):
         by_task.setdefault(record["task"], []).append(index)
     tasks = sorted(by_task)
-    sizes = np.array([len(by_task[t]) for t in tasks], float)
+    sizes = np.array([len(by_task[t]) * (task_weights or {}).get(t, 1.0) for t in tasks], float)
     task = tasks[rng.choice(len(tasks), p=sizes / sizes.sum())]
     pool = np.array(by_task[task])
     p = None if weights is None else weights[pool] / weights[pool].sum()
@@ -961,9 +962,12 @@ def train_hia(args):
         ckpt = run / f"{variant}.ckpt"
         modules = {"model": model}
         # Flake and normal records `--flake-normal-weight` times as often: the findings only the high-resolution path
-        # can separate.
-        weights = np.array([args.flake_normal_weight if r["meta"]["label"] in ("flake", "normal")
-                            or r["meta"].get("kind") == "flake" else 1.0 for r in train.records])
+        # can separate. Normal ones `--normal-weight` times more again: with flakes and normals drawn equally, an
+        # adapter that cannot see a flake (w/o HR) learns to guess it for a knee that looks normal, where the base
+        # (normal knees 3x) says normal.
+        weights = np.array([args.flake_normal_weight * (args.normal_weight if r["meta"]["label"] == "normal" else 1.0)
+                            if r["meta"]["label"] in ("flake", "normal") or r["meta"].get("kind") == "flake" else 1.0
+                            for r in train.records])
         aux_head, hook = None, None
         last_block = [m for m in model.modules() if isinstance(m, type(owner))][-1]  # HiABlock
         if args.finding_aux:
@@ -1014,7 +1018,8 @@ def train_hia(args):
             return answers[image]
 
         def compute_loss():
-            records = task_batches(train.records, args.batch_size, rng, weights)
+            records = task_batches(train.records, args.batch_size, rng, weights,
+                                   {"comparative": args.comparative_weight})
             batch, images = batcher(records)
             current["features"] = features[images].float()
             batch["high_res_pixel_values"] = torch.zeros(len(images), 3, 1, 1)
@@ -1162,7 +1167,8 @@ def main(argv=None):
     parser.add_argument("--side-aux", type=float, default=0.0,
                         help="base: weight of the auxiliary loss that makes each image token tell a finding's side")
     parser.add_argument("--normal-weight", type=float, default=1.0,
-                        help="base: how much more often records of normal knees are drawn")
+                        help="base, hia: how much more often records of normal knees are drawn (hia: on top of "
+                             "--flake-normal-weight)")
     parser.add_argument("--side-aux-kinds", action="store_true",
                         help="base: the side auxiliary per finding kind (which finding, on which half)")
     parser.add_argument("--side-aux-segments", action="store_true",
@@ -1192,6 +1198,8 @@ def main(argv=None):
                              "findings (kind, side, segment) and their severity")
     parser.add_argument("--feature-positions", choices=("none", "sincos"), default="none",
                         help="hia: HiAConfig.feature_positions (where each high-resolution feature sits)")
+    parser.add_argument("--comparative-weight", type=float, default=1.0,
+                        help="hia: how much more often a batch of the comparative task is drawn")
     parser.add_argument("--pair-aux", type=float, default=0.0,
                         help="hia: weight of the auxiliary loss that makes the change of a comparative pair readable "
                              "from its two images' extracted values")
