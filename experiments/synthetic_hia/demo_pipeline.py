@@ -679,6 +679,14 @@ FLAKE_CHANGES = ("improved", "worsened", "unchanged")  # what the pair control r
 
 
 @torch.no_grad()
+def flake_pairs(records, small_only=False):
+    """Indices of the comparative records whose flake improved, worsened or stayed (`FLAKE_CHANGES`), optionally
+    those of small flakes only."""
+    return [index for index, record in enumerate(records) if record["task"] == "comparative"
+            and record["meta"]["kind"] == "flake" and record["meta"]["change"] in FLAKE_CHANGES
+            and (not small_only or record["meta"]["findings"][0][0]["size_class"] == "small")]
+
+
 def controls_pairs(args):
     """Vision-only control for the comparative row: can the frozen probes tell how a flake changed between a pair's
     two images? Per image, the probe's flake channel gives its strongest cell (max logit) and its extent (cells above
@@ -689,8 +697,7 @@ def controls_pairs(args):
     low, high = load_probes(run)
 
     def pairs(split):
-        chosen = [r for r, record in enumerate(split.records) if record["task"] == "comparative"
-                  and record["meta"]["kind"] == "flake" and record["meta"]["change"] in FLAKE_CHANGES]
+        chosen = flake_pairs(split.records)
         labels = torch.tensor([FLAKE_CHANGES.index(split.records[r]["meta"]["change"]) for r in chosen])
         small = torch.tensor([split.records[r]["meta"]["findings"][0][0]["size_class"] == "small" for r in chosen])
         images = [split.images_of[r] for r in chosen]  # (before, after) of each pair
@@ -965,9 +972,12 @@ def train_hia(args):
         # can separate. Normal ones `--normal-weight` times more again: with flakes and normals drawn equally, an
         # adapter that cannot see a flake (w/o HR) learns to guess it for a knee that looks normal, where the base
         # (normal knees 3x) says normal.
-        weights = np.array([args.flake_normal_weight * (args.normal_weight if r["meta"]["label"] == "normal" else 1.0)
-                            if r["meta"]["label"] in ("flake", "normal") or r["meta"].get("kind") == "flake" else 1.0
-                            for r in train.records])
+        def draw_weight(meta):
+            if meta["label"] == "normal":
+                return args.flake_normal_weight * args.normal_weight
+            return args.flake_normal_weight if "flake" in (meta["label"], meta.get("kind")) else 1.0
+
+        weights = np.array([draw_weight(r["meta"]) for r in train.records])
         aux_head, hook = None, None
         last_block = [m for m in model.modules() if isinstance(m, type(owner))][-1]  # HiABlock
         if args.finding_aux:

@@ -26,21 +26,6 @@ import torch
 
 from qilin_med_vl.synthetic.findings import CHANGE_NAMES
 
-FLAKE_CHANGES = ("improved", "worsened", "unchanged")
-
-
-def flake_pairs(records, small_only=False):
-    """Indices of the comparative flake pairs (post-operative ones left out), optionally the small flakes only."""
-    chosen = []
-    for index, record in enumerate(records):
-        meta = record["meta"]
-        if record["task"] != "comparative" or meta["kind"] != "flake" or meta["change"] not in FLAKE_CHANGES:
-            continue
-        if small_only and meta["findings"][0][0]["size_class"] != "small":
-            continue
-        chosen.append(index)
-    return chosen
-
 
 def tally(data_path, predictions_path):
     """Rows: the true change; columns: the changes an answer names (none, one, or several)."""
@@ -74,7 +59,7 @@ def main():
     trained = [p for p in model.parameters() if p.requires_grad]
     dp.load_checkpoint(run / "HiA.ckpt", {"model": model}, torch.optim.AdamW(trained))  # the adapter's weights
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
-    pairs = flake_pairs(train.records)
+    pairs = dp.flake_pairs(train.records)
     cached = [i for i in pairs if train.images_of[i][-1] < len(features)]
     dp.log(f"{len(cached)} flake pairs with cached features of {len(pairs)}")
     batcher = dp.Batcher(dp.load_processor(run), train)
@@ -95,7 +80,7 @@ def main():
     del owner.encode
     model.eval()
     model.save_pretrained(run / args.name)
-    small = [train.records[i] for i in flake_pairs(train.records, small_only=True)]
+    small = [train.records[i] for i in dp.flake_pairs(train.records, small_only=True)]
     (run / f"{args.name}_train_pairs.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in small), encoding="utf-8")
 
