@@ -105,12 +105,12 @@ def normalise(uint8_images, gain=None, offset=None):
     return ((x - CLIP_MEAN) / CLIP_STD).contiguous()
 
 
-def lesion_map(boxes, kinds, grid, origin=(0.0, 0.0), extent=float(REFERENCE), flip=False):
-    """(NUM_KINDS, grid, grid) float target: 1 where the cell overlaps a box of that kind. `origin`/`extent` give the
-    window (in 1024-px coordinates) that the grid covers."""
+def lesion_map(boxes, kinds, grid, origin=(0.0, 0.0), extent=float(REFERENCE), flip=False, values=None):
+    """(NUM_KINDS, grid, grid) float target: 1 (or the box's entry of `values`) where the cell overlaps a box of that
+    kind. `origin`/`extent` give the window (in 1024-px coordinates) that the grid covers."""
     target = torch.zeros(NUM_KINDS, grid, grid)
     cell = extent / grid
-    for box, kind in zip(boxes, kinds):
+    for slot, (box, kind) in enumerate(zip(boxes, kinds)):
         if kind <= 0:
             continue
         x0, y0, x1, y1 = box
@@ -122,8 +122,22 @@ def lesion_map(boxes, kinds, grid, origin=(0.0, 0.0), extent=float(REFERENCE), f
         r1 = math.ceil((y1 - origin[1]) / cell)
         c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, grid), min(r1, grid)
         if c1 > c0 and r1 > r0:
-            target[kind - 1, r0:r1, c0:c1] = 1.0
+            target[kind - 1, r0:r1, c0:c1] = 1.0 if values is None else float(values[slot])
     return target
+
+
+def finding_amounts(split, kinds=None):
+    """`(amounts, scaled)`, both (images, 3) in the cache's box slots: each finding's log severity (`SEVERITY`), and
+    1 where the slot holds a finding of `kinds` (default every kind with a scale: not implants), else 0."""
+    kinds = SEVERITY if kinds is None else kinds
+    amounts, scaled = np.zeros(split.kinds.shape, np.float32), np.zeros(split.kinds.shape, np.float32)
+    for image in range(len(split.kinds)):
+        findings = split.records[split.record[image]]["meta"]["findings"][split.view[image]]
+        for slot, finding in enumerate(findings[:3]):
+            if finding["kind"] in kinds:
+                amounts[image, slot] = math.log(SEVERITY[finding["kind"]](finding))
+                scaled[image, slot] = 1.0
+    return amounts, scaled
 
 
 def flake_windows(split, size_classes=("small", "large"), offset=0.0, rng=None):
@@ -261,19 +275,36 @@ class LowResProbe(nn.Module):
 
 
 class HighResProbe(nn.Module):
-    def __init__(self, encoder, hidden, channels_last=False):
+    """HiA's encoder -> lesion-map logits (N, NUM_KINDS, gh, gw); with `amounts`, a second linear head reads from the
+    same features how much of each kind a cell holds (log severity, `SEVERITY`), so that a pair's change (a flake
+    grown 1.5-2x inside one cell) is in the features HiA reads, not only whether a cell holds a finding."""
+
+    def __init__(self, encoder, hidden, channels_last=False, amounts=False):
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(hidden, NUM_KINDS)
+        self.amount_head = nn.Linear(hidden, NUM_KINDS) if amounts else None
         self.channels_last = channels_last
         if channels_last:  # about 1.4x faster convolutions on CPU; the same weights and state dict
             self.encoder.to(memory_format=torch.channels_last)
 
-    def forward(self, pixel_values):
+    def forward(self, pixel_values, return_amounts=False):
+        """Lesion-map logits; with `return_amounts` (needs the amount head), also the amounts, the same shape."""
         if self.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         features, (gh, gw) = self.encoder(pixel_values, return_grid_size=True)
-        return self.head(features).transpose(1, 2).reshape(len(features), NUM_KINDS, gh, gw)
+        grid = lambda x: x.transpose(1, 2).reshape(len(features), NUM_KINDS, gh, gw)  # noqa: E731
+        logits = grid(self.head(features))
+        return (logits, grid(self.amount_head(features))) if return_amounts else logits
+
+
+def load_high_probe(path, encoder=None, channels_last=True):
+    """A saved `HighResProbe` (the amount head built when the file has one) on `encoder` (default a new one)."""
+    state = torch.load(path)
+    probe = HighResProbe(encoder if encoder is not None else build_encoder(), HIA_KWARGS["hidden_size"],
+                         channels_last=channels_last, amounts=any(k.startswith("amount_head.") for k in state))
+    probe.load_state_dict(state)
+    return probe
 
 
 def probe_loss(logits, dense_target, kinds_target, pos_weight=20.0):
@@ -307,7 +338,7 @@ def init_model(run):
 
 def train_low_vision(args):
     run = Path(args.run)
-    out = run / args.output
+    out = run / (args.output or "vision_low.pt")
     if out.is_file():
         return
     train = Split(run / "data", "train", load_high=False)
@@ -464,15 +495,15 @@ def train_high_vision(args):
     With `--eval-every`, the validation AUC (small / large flakes against normal images, max-pooled flake score on
     the full 672-px views, as `controls-auc` computes it) is logged while training."""
     run = Path(args.run)
-    out = run / "vision_high.pt"
+    out = run / (args.output or "vision_high.pt")
     if out.is_file():
         return
     train = Split(run / "data", "train")
     encoder = build_encoder()
     if (args.stem_warmup or args.freeze_stem) and encoder.stem_type != "full_resolution":
         sys.exit("--stem-warmup and --freeze-stem need the full-resolution stem (HIA_KWARGS['encoder_stem'])")
-    if args.freeze_stem and not args.stem_warmup:
-        sys.exit("--freeze-stem keeps the stem that --stem-warmup trains: give --stem-warmup too")
+    if args.freeze_stem and not (args.stem_warmup or args.encoder_from):
+        sys.exit("--freeze-stem keeps the stem that --stem-warmup trains (or --encoder-from brings): give one")
     validation = None
     if (args.eval_every or args.stem_warmup) and (run / "data" / "cache" / "validation.npz").is_file():
         validation = Split(run / "data", "validation")
@@ -484,7 +515,13 @@ def train_high_vision(args):
                 + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
             torch.save(encoder.stem.state_dict(), warm_stem)
         encoder.stem.load_state_dict(torch.load(warm_stem))
-    probe = HighResProbe(encoder, HIA_KWARGS["hidden_size"], channels_last=True)
+    probe = HighResProbe(encoder, HIA_KWARGS["hidden_size"], channels_last=True, amounts=args.amount_aux > 0)
+    amounts = finding_amounts(train, args.amount_kinds) if args.amount_aux else None
+    if args.encoder_from:  # a trained encoder and lesion-map head, tuned further; a new amount head starts afresh
+        missing, unexpected = probe.load_state_dict(torch.load(args.encoder_from), strict=False)
+        if unexpected or any(not key.startswith("amount_head.") for key in missing):
+            sys.exit(f"--encoder-from {args.encoder_from} does not fit: missing {missing}, unexpected {unexpected}")
+        log(f"hr-encoder: from {args.encoder_from}")
     if args.freeze_stem:
         encoder.stem.requires_grad_(False)
 
@@ -495,7 +532,7 @@ def train_high_vision(args):
 
     train_mode()
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.05)
-    ckpt = run / "vision_high.ckpt"
+    ckpt = out.with_suffix(".ckpt")
     step = load_checkpoint(ckpt, {"probe": probe}, optimizer)
     rng = np.random.default_rng(2000 + step)
     has = lambda k: np.array([(kinds == k).any() for kinds in train.kinds])  # noqa: E731
@@ -528,7 +565,7 @@ def train_high_vision(args):
             if pool is not None and not len(pool):
                 pool = np.arange(len(train.kinds))
             index.append(flake_image() if pool is None else rng.choice(pool))
-        crops, dense, kinds = [], [], []
+        crops, dense, kinds, amount_maps = [], [], [], []
         for i in index:
             boxes = [b for b, k in zip(train.boxes[i], train.kinds[i]) if k > 0]
             if boxes and rng.uniform() < args.find_prob:  # a crop holding (a part of) a finding
@@ -544,13 +581,26 @@ def train_high_vision(args):
                                 extent=crop / scale)
             dense.append(target)
             kinds.append(target.flatten(1).amax(-1))
+            if amounts is not None:
+                window = dict(origin=(ox / scale, oy / scale), extent=crop / scale)
+                amount_maps.append(torch.stack([
+                    lesion_map(train.boxes[i], train.kinds[i], crop // stride, values=amounts[0][i], **window),
+                    lesion_map(train.boxes[i], train.kinds[i], crop // stride, values=amounts[1][i], **window)]))
         counter["step"] += 1
         flip = torch.from_numpy(rng.uniform(size=args.batch_size) < 0.5)
         crops, dense = torch.stack(crops), torch.stack(dense)
         crops[flip], dense[flip] = crops[flip].flip(-1), dense[flip].flip(-1)
         gain = torch.from_numpy(rng.uniform(0.9, 1.1, args.batch_size)).float()
         offset = torch.from_numpy(rng.uniform(-0.05, 0.05, args.batch_size)).float()
-        loss = probe_loss(probe(normalise(crops, gain, offset)), dense, torch.stack(kinds), args.pos_weight)
+        if amounts is None:
+            loss = probe_loss(probe(normalise(crops, gain, offset)), dense, torch.stack(kinds), args.pos_weight)
+        else:
+            # the amount of each finding, regressed on the cells it overlaps (kinds with a scale only)
+            amount_target, mask = torch.stack(amount_maps).unbind(1)  # (N, NUM_KINDS, g, g) each
+            amount_target[flip], mask[flip] = amount_target[flip].flip(-1), mask[flip].flip(-1)
+            logits, predicted = probe(normalise(crops, gain, offset), return_amounts=True)
+            amount_loss = ((predicted - amount_target) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+            loss = probe_loss(logits, dense, torch.stack(kinds), args.pos_weight) + args.amount_aux * amount_loss
         if validation is not None and args.eval_every and counter["step"] % args.eval_every == 0:
             auc = flake_auc(probe, validation)
             log(f"vision-high step {counter['step']} validation AUC flake vs normal: "
@@ -598,9 +648,7 @@ def load_probes(run):
     model = init_model(run)
     low = LowResProbe(model.model.vision_tower, model.config.vision_config.hidden_size)
     low.load_state_dict(torch.load(run / "vision_low.pt"))
-    high = HighResProbe(build_encoder(), HIA_KWARGS["hidden_size"], channels_last=True)
-    high.load_state_dict(torch.load(run / "vision_high.pt"))
-    return low, high
+    return low, load_high_probe(run / "vision_high.pt")
 
 
 def controls(args):
@@ -704,9 +752,16 @@ def controls_pairs(args):
         return images, labels, small
 
     def pair_features(probe, pixels, images, batch_size):
-        flake = probe_predictions(probe, pixels[[i for pair in images for i in pair]], batch_size)[:, 0].flatten(1)
-        per_image = torch.stack([flake.amax(-1), (flake > 0).float().sum(-1).add(1).log()], -1).view(-1, 2, 2)
-        return torch.cat([per_image[:, 0], per_image[:, 1], per_image[:, 1] - per_image[:, 0]], -1)  # (pairs, 6)
+        chosen = pixels[[i for pair in images for i in pair]]
+        flake = probe_predictions(probe, chosen, batch_size)[:, 0].flatten(1)
+        per_image = [flake.amax(-1), (flake > 0).float().sum(-1).add(1).log()]
+        if getattr(probe, "amount_head", None) is not None:  # and the amount read at the strongest flake cell
+            with torch.no_grad():
+                amounts = torch.cat([probe(normalise(chosen[i : i + batch_size]), return_amounts=True)[1]
+                                     for i in range(0, len(chosen), batch_size)])[:, 0].flatten(1)
+            per_image.append(amounts.gather(1, flake.argmax(-1, keepdim=True))[:, 0])
+        per_image = torch.stack(per_image, -1).view(len(images), 2, -1)
+        return torch.cat([per_image[:, 0], per_image[:, 1], per_image[:, 1] - per_image[:, 0]], -1)  # (pairs, 6 or 9)
 
     splits = {name: Split(run / "data", name) for name in ("train", "validation", "test")}
     pairs_of = {split_name: pairs(split) for split_name, split in splits.items()}  # (images, labels, small)
@@ -745,9 +800,7 @@ def controls_pairs(args):
 @torch.no_grad()
 def cache_features(args):
     run = Path(args.run)
-    encoder = build_encoder()
-    probe = HighResProbe(encoder, HIA_KWARGS["hidden_size"], channels_last=True)
-    probe.load_state_dict(torch.load(run / "vision_high.pt"))
+    encoder = load_high_probe(run / "vision_high.pt").encoder
     encoder.eval()
     for split_name in ("train",):
         out = run / f"features_{split_name}.pt"
@@ -941,8 +994,7 @@ def hia_model(run, variant, feature_positions="none", seed=0, layers=None):
         kwargs["layers"] = layers
     model = get_peft_model(model, HiAConfig(**kwargs))
     owner = next(m for m in model.modules() if isinstance(m, HiABlock) and m.encoder is not None)
-    probe = HighResProbe(owner.encoder, HIA_KWARGS["hidden_size"])
-    probe.load_state_dict(torch.load(Path(run) / "vision_high.pt"))  # the warmed encoder, in place
+    load_high_probe(Path(run) / "vision_high.pt", owner.encoder, channels_last=False)  # the warmed encoder, in place
     owner.encoder.requires_grad_(False)
     return model, owner
 
@@ -975,6 +1027,9 @@ def train_hia(args):
         def draw_weight(meta):
             if meta["label"] == "normal":
                 return args.flake_normal_weight * args.normal_weight
+            if meta.get("kind") == "flake" and meta["label"] in FLAKE_CHANGES \
+                    and meta["findings"][0][0]["size_class"] == "small":  # a small flake's change, within its task
+                return args.flake_normal_weight * args.flake_pair_weight
             return args.flake_normal_weight if "flake" in (meta["label"], meta.get("kind")) else 1.0
 
         weights = np.array([draw_weight(r["meta"]) for r in train.records])
@@ -1187,10 +1242,20 @@ def main(argv=None):
     parser.add_argument("--column-aux", type=float, default=0.0,
                         help="vision: weight of the auxiliary loss that makes each tower token tell its own column "
                              "(with --tower-from: the tower is tuned, not frozen)")
+    parser.add_argument("--amount-aux", type=float, default=0.0,
+                        help="hr-encoder: weight of a second head regressing each finding's log severity (flake "
+                             "diameter x strength, fracture width, spur length, joint gap) on the cells it overlaps")
+    parser.add_argument("--encoder-from", default=None,
+                        help="hr-encoder: start from this vision_high.pt (stem, encoder and lesion-map head) instead "
+                             "of a stem warm-up and a new encoder")
+    parser.add_argument("--amount-kinds", nargs="+", choices=tuple(SEVERITY), default=list(SEVERITY),
+                        help="hr-encoder: the finding kinds whose severity --amount-aux regresses")
     parser.add_argument("--freeze-stem", action="store_true",
                         help="hr-encoder: keep the warmed stem as it is while the rest of the encoder trains")
     parser.add_argument("--save-every", type=int, default=100)
-    parser.add_argument("--output", default="vision_low.pt", help="vision: file of the warmed tower and head")
+    parser.add_argument("--output", default=None,
+                        help="vision / hr-encoder: file of the warmed tower or encoder and its heads (default "
+                             "vision_low.pt / vision_high.pt; the stages after them read those)")
     parser.add_argument("--tower-from", default=None,
                         help="vision: take the CLIP tower from this saved model or this stage's .pt output (frozen, "
                              "the head fitted only, unless --column-aux)")
@@ -1208,6 +1273,9 @@ def main(argv=None):
                              "findings (kind, side, segment) and their severity")
     parser.add_argument("--feature-positions", choices=("none", "sincos"), default="none",
                         help="hia: HiAConfig.feature_positions (where each high-resolution feature sits)")
+    parser.add_argument("--flake-pair-weight", type=float, default=1.0,
+                        help="hia: comparative records of a small flake that improved, worsened or stayed drawn this "
+                             "many times more often within the comparative task (on top of --flake-normal-weight)")
     parser.add_argument("--comparative-weight", type=float, default=1.0,
                         help="hia: how much more often a batch of the comparative task is drawn")
     parser.add_argument("--pair-aux", type=float, default=0.0,

@@ -30,7 +30,7 @@ evaluate() {  # name, model, adapter (or ""), split
     > "$RUN/logs/evaluate-$4-$1.log" 2>&1
 }
 hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 --flake-normal-weight 4 \
-  --feature-positions sincos > "$RUN/logs/hia-$1.log" 2>&1; }
+  --feature-positions sincos --flake-pair-weight 3 > "$RUN/logs/hia-$1.log" 2>&1; }
 
 # 1. data: rendered once, cached as uint8 views (seed 1: a fresh test split)
 [ -n "${SKIP_DATA:-}" ] || [ -f "$RUN/data/cache/test.npz" ] || "$PY" "$HERE/data_cache.py" --output "$RUN/data" --seed 1 --train 2400 \
@@ -39,15 +39,20 @@ hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 --flake
 #    finding in its cell; normal knees drawn 3x, so that a knee that looks normal at 112 px is called normal)
 #    ||  HiA's encoder at 672 px: its full-resolution stem first tells small-flake windows from the same windows of
 #    normal knees (300 steps, about 10 s) and is kept as it is; then the rest of the encoder on 320-px crops on the
-#    stride grid, normal images and finding-free crops as hard negatives, large-to-small flake curriculum
+#    stride grid, normal images and finding-free crops as hard negatives, large-to-small flake curriculum; then
+#    400 steps more in which a second head also regresses each flake's amount (log diameter x strength) on its
+#    cells, so that how much flake a cell holds is in the features HiA reads
 { if [ "$TOWER" = scratch ]; then
     stage vision --steps 2500 --batch-size 32 --lr 1e-3 --output vision_low_plain.pt > "$RUN/logs/vision-plain.log" 2>&1
     stage vision --tower-from "$RUN/vision_low_plain.pt" --column-aux 1.0 --steps 600 --batch-size 32 --lr 3e-4 \
       > "$RUN/logs/vision.log" 2>&1
   else stage vision --tower-from "$TOWER" --steps 300 --batch-size 32 --lr 1e-2 > "$RUN/logs/vision.log" 2>&1; fi
   stage base --steps 1200 --batch-size 12 --lr 1e-3 --side-aux 0.5 --normal-weight 3 > "$RUN/logs/base.log" 2>&1; } &
-stage hr-encoder --stem-warmup 300 --freeze-stem --steps 1200 --batch-size 16 --crop 320 --find-prob 0.5 --curriculum 0.3 \
-  --pos-weight 10 --lr 1e-3 --eval-every 300 > "$RUN/logs/hr-encoder.log" 2>&1 &
+{ stage hr-encoder --stem-warmup 300 --freeze-stem --steps 1200 --batch-size 16 --crop 320 --find-prob 0.5 \
+    --curriculum 0.3 --pos-weight 10 --lr 1e-3 --eval-every 300 --output vision_high_detect.pt > "$RUN/logs/hr-encoder.log" 2>&1
+  stage hr-encoder --encoder-from "$RUN/vision_high_detect.pt" --freeze-stem --steps 400 --batch-size 16 --crop 320 \
+    --find-prob 0.5 --curriculum 0 --pos-weight 10 --lr 3e-4 --eval-every 100 --amount-aux 0.5 --amount-kinds flake \
+    > "$RUN/logs/hr-encoder-amounts.log" 2>&1; } &
 wait
 # 3. controls table (its AUC view, and the comparative row's vision-only control), the flake-only diagnostic, cached
 #    encoder features of every training record  ||  base evaluated
