@@ -13,7 +13,8 @@ long loops also checkpoint every `--save-every` steps):
                 first tells flake windows from the same windows of normal knees), on 320-px crops placed on its
                 stride grid, the same dense + image-level loss, batches of 1/3 flake images, 1/3 normal images
                 (hard negatives), 1/3 others, half the finding images' crops random (often finding-free), flakes
-                large-to-small;
+                large-to-small; with `--amount-aux`, a second head also regresses each finding's log severity on
+                its cells (run H: 400 more steps from the first encoder, `--encoder-from`, flakes only);
     controls    vision-only accuracy by finding and lesion size on validation and test, low vs high resolution;
     controls-auc  the same without a threshold: AUC of each finding against normal images (validation);
     tower-columns  how much horizontal position the tower's tokens keep (a linear probe of the image half);
@@ -25,7 +26,8 @@ long loops also checkpoint every `--save-every` steps):
     base        instruction tuning of projector + language model on all four tasks, the warmed tower frozen
                 (`--side-aux`: every projected token also tells the side of a finding in its cell);
     hia         the HiA blocks (encoder frozen and warmed), three variants: HiA, HiA_wo_IA, HiA_wo_HR
-                (`--feature-positions sincos`: HiA's own position codes on the high-resolution grid);
+                (`--feature-positions sincos`: HiA's own position codes on the high-resolution grid;
+                `--flake-pair-weight`: small-flake comparative records drawn more often);
     pointing    the pointing game: HiA's extractor attention inside the finding's box on the high-res grid;
     examples    the shipped single-image examples (normal, post-operative, osteophyte) and `gallery.jsonl`.
 
