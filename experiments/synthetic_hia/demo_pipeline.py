@@ -755,12 +755,17 @@ def controls_pairs(args):
 
     def pair_features(probe, pixels, images, batch_size):
         chosen = pixels[[i for pair in images for i in pair]]
-        flake = probe_predictions(probe, chosen, batch_size)[:, 0].flatten(1)
-        per_image = [flake.amax(-1), (flake > 0).float().sum(-1).add(1).log()]
-        if getattr(probe, "amount_head", None) is not None:  # and the amount read at the strongest flake cell
+        if getattr(probe, "amount_head", None) is None:
+            flake, amounts = probe_predictions(probe, chosen, batch_size)[:, 0].flatten(1), None
+        else:
+            probe.eval()
             with torch.no_grad():
-                amounts = torch.cat([probe(normalise(chosen[i : i + batch_size]), return_amounts=True)[1]
-                                     for i in range(0, len(chosen), batch_size)])[:, 0].flatten(1)
+                logits, amounts = (torch.cat(parts) for parts in zip(*(
+                    probe(normalise(chosen[i : i + batch_size]), return_amounts=True)
+                    for i in range(0, len(chosen), batch_size))))
+            flake, amounts = logits[:, 0].flatten(1), amounts[:, 0].flatten(1)
+        per_image = [flake.amax(-1), (flake > 0).float().sum(-1).add(1).log()]
+        if amounts is not None:  # and the amount read at the strongest flake cell
             per_image.append(amounts.gather(1, flake.argmax(-1, keepdim=True))[:, 0])
         per_image = torch.stack(per_image, -1).view(len(images), 2, -1)
         return torch.cat([per_image[:, 0], per_image[:, 1], per_image[:, 1] - per_image[:, 0]], -1)  # (pairs, 6 or 9)
