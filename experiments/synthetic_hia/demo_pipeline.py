@@ -238,7 +238,7 @@ def run_steps(name, args, step, optimizer, params, checkpoint, modules, compute_
     start = time.time()
     while step < args.steps:
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, args.steps, args.lr, warmup)
+            group["lr"] = cosine_lr(step, args.steps, args.lr, warmup) * group.get("lr_scale", 1.0)
         loss = compute_loss()
         optimizer.zero_grad()
         loss.backward()
@@ -1078,6 +1078,19 @@ def train_hia(args):
             extracted = {}
             pair_hook = last_block.extract_attn.register_forward_hook(  # (images, D)
                 lambda module, inputs, output: extracted.update(values=output[0].mean(1)))
+        tuned = {}
+        if args.tune_language_model:
+            # Diagnostic, not the paper's recipe: the language model trains with HiA (learning rate scaled by the
+            # option), to tell whether the frozen model's comparisons are what stops HiA. Saved as a full model in
+            # `<variant>_base/`, to be evaluated with the adapter on it.
+            # the language model's own tensors under the names of the unwrapped model (HiA wraps decoder layers)
+            tuned = {f"model.language_model.{name.replace('.base_layer.', '.')}": p
+                     for name, p in model.get_base_model().model.language_model.named_parameters()
+                     if ".hia." not in name}
+            for parameter in tuned.values():
+                parameter.requires_grad_(True)
+            params += list(tuned.values())
+            optimizer.add_param_group({"params": list(tuned.values()), "lr_scale": args.tune_language_model})
         step = load_checkpoint(ckpt, modules, optimizer)
         rng = np.random.default_rng(4000 + step + 100_000 * args.seed)  # seed 0: the batches of runs A-G
         model.train()
@@ -1124,6 +1137,17 @@ def train_hia(args):
         config = json.loads(config_path.read_text("utf-8"))
         config["base_model_name_or_path"] = None  # no local path in a shipped adapter
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if tuned:
+            import shutil
+
+            from qilin_med_vl.modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
+
+            tuned_base = run / f"{variant}_base"
+            shutil.copytree(run / "base", tuned_base, dirs_exist_ok=True)  # processor and tokenizer files
+            fresh = QilinMedVLForConditionalGeneration.from_pretrained(run / "base")
+            missing, unexpected = fresh.load_state_dict({k: v.detach() for k, v in tuned.items()}, strict=False)
+            assert not unexpected and len(missing) < len(fresh.state_dict()), (missing, unexpected)
+            fresh.save_pretrained(tuned_base)
 
 
 # --- pointing game -------------------------------------------------------------------------------------------------
@@ -1280,6 +1304,9 @@ def main(argv=None):
                              "findings (kind, side, segment) and their severity")
     parser.add_argument("--feature-positions", choices=("none", "sincos"), default="none",
                         help="hia: HiAConfig.feature_positions (where each high-resolution feature sits)")
+    parser.add_argument("--tune-language-model", type=float, default=0.0,
+                        help="hia (diagnostic): train the language model too, at this fraction of --lr; the tuned "
+                             "model is saved in <run>/<variant>_base")
     parser.add_argument("--flake-pair-weight", type=float, default=1.0,
                         help="hia: comparative records of a small flake that improved, worsened or stayed drawn this "
                              "many times more often within the comparative task (on top of --flake-normal-weight)")
