@@ -128,18 +128,16 @@ def lesion_map(boxes, kinds, grid, origin=(0.0, 0.0), extent=float(REFERENCE), f
     return target
 
 
-def finding_amounts(split, kinds=None):
-    """`(amounts, scaled)`, both (images, 3) in the cache's box slots: each finding's log severity (`SEVERITY`), and
-    1 where the slot holds a finding of `kinds` (default every kind with a scale: not implants), else 0."""
-    kinds = SEVERITY if kinds is None else kinds
-    amounts, scaled = np.zeros(split.kinds.shape, np.float32), np.zeros(split.kinds.shape, np.float32)
+def finding_amounts(split):
+    """(images, 3) log severity (`SEVERITY`) of each image's findings in the cache's box slots; 0 where a slot is
+    empty or its kind has no scale (implants)."""
+    amounts = np.zeros(split.kinds.shape, np.float32)
     for image in range(len(split.kinds)):
         findings = split.records[split.record[image]]["meta"]["findings"][split.view[image]]
         for slot, finding in enumerate(findings[:3]):
-            if finding["kind"] in kinds:
+            if finding["kind"] in SEVERITY:
                 amounts[image, slot] = math.log(SEVERITY[finding["kind"]](finding))
-                scaled[image, slot] = 1.0
-    return amounts, scaled
+    return amounts
 
 
 def flake_windows(split, size_classes=("small", "large"), offset=0.0, rng=None):
@@ -518,7 +516,9 @@ def train_high_vision(args):
             torch.save(encoder.stem.state_dict(), warm_stem)
         encoder.stem.load_state_dict(torch.load(warm_stem))
     probe = HighResProbe(encoder, HIA_KWARGS["hidden_size"], channels_last=True, amounts=args.amount_aux > 0)
-    amounts = finding_amounts(train, args.amount_kinds) if args.amount_aux else None
+    amounts = finding_amounts(train) if args.amount_aux else None
+    # the lesion-map channels whose amounts are regressed: (NUM_KINDS, 1, 1) 0/1
+    amount_channels = torch.tensor([float(kind in args.amount_kinds) for kind in KINDS[1:]]).view(-1, 1, 1)
     if args.encoder_from:  # a trained encoder and lesion-map head, tuned further; a new amount head starts afresh
         missing, unexpected = probe.load_state_dict(torch.load(args.encoder_from), strict=False)
         if unexpected or any(not key.startswith("amount_head.") for key in missing):
@@ -584,10 +584,8 @@ def train_high_vision(args):
             dense.append(target)
             kinds.append(target.flatten(1).amax(-1))
             if amounts is not None:
-                window = dict(origin=(ox / scale, oy / scale), extent=crop / scale)
-                amount_maps.append(torch.stack([
-                    lesion_map(train.boxes[i], train.kinds[i], crop // stride, values=amounts[0][i], **window),
-                    lesion_map(train.boxes[i], train.kinds[i], crop // stride, values=amounts[1][i], **window)]))
+                amount_maps.append(lesion_map(train.boxes[i], train.kinds[i], crop // stride, values=amounts[i],
+                                              origin=(ox / scale, oy / scale), extent=crop / scale))
         counter["step"] += 1
         flip = torch.from_numpy(rng.uniform(size=args.batch_size) < 0.5)
         crops, dense = torch.stack(crops), torch.stack(dense)
@@ -597,9 +595,10 @@ def train_high_vision(args):
         if amounts is None:
             loss = probe_loss(probe(normalise(crops, gain, offset)), dense, torch.stack(kinds), args.pos_weight)
         else:
-            # the amount of each finding, regressed on the cells it overlaps (kinds with a scale only)
-            amount_target, mask = torch.stack(amount_maps).unbind(1)  # (N, NUM_KINDS, g, g) each
-            amount_target[flip], mask[flip] = amount_target[flip].flip(-1), mask[flip].flip(-1)
+            # the amount of each finding of --amount-kinds, regressed on the cells it overlaps
+            amount_target = torch.stack(amount_maps)  # (N, NUM_KINDS, g, g)
+            amount_target[flip] = amount_target[flip].flip(-1)
+            mask = dense * amount_channels
             logits, predicted = probe(normalise(crops, gain, offset), return_amounts=True)
             amount_loss = ((predicted - amount_target) ** 2 * mask).sum() / mask.sum().clamp(min=1)
             loss = probe_loss(logits, dense, torch.stack(kinds), args.pos_weight) + args.amount_aux * amount_loss
@@ -1034,12 +1033,11 @@ def train_hia(args):
         def draw_weight(meta):
             if meta["label"] == "normal":
                 return args.flake_normal_weight * args.normal_weight
-            if meta.get("kind") == "flake" and meta["label"] in FLAKE_CHANGES \
-                    and meta["findings"][0][0]["size_class"] == "small":  # a small flake's change, within its task
-                return args.flake_normal_weight * args.flake_pair_weight
             return args.flake_normal_weight if "flake" in (meta["label"], meta.get("kind")) else 1.0
 
         weights = np.array([draw_weight(r["meta"]) for r in train.records])
+        # a small flake's change `--flake-pair-weight` times more often again, within the comparative task
+        weights[flake_pairs(train.records, small_only=True)] *= args.flake_pair_weight
         aux_head, hook = None, None
         last_block = [m for m in model.modules() if isinstance(m, type(owner))][-1]  # HiABlock
         if args.finding_aux:
