@@ -495,3 +495,20 @@ def test_page_builds(manager):
     ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert {"upload", "thumbnails", "preset", "prompt", "send", "chat", "heatmaps", "hia-switch", "status",
             "notice", "model-path"} <= ids
+
+
+def test_hia_switch_also_switches_the_adapters_copies_of_base_modules(processor, images):
+    """An adapter trained with modules_to_save (here lm_head) carries its own copy; with HiA off the base's head
+    must answer, or the 'base' the app shows would be half adapted."""
+    base = tiny_model()
+    model = get_peft_model(tiny_model(), HiAConfig(num_queries=4, num_heads=2, encoder_depths=[1, 1],
+                                                   encoder_width=8, high_res_size=56, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.get_base_model().lm_head.modules_to_save["default"].weight.mul_(2.0)
+    model.eval()
+    inputs = processor(images=images[:1], text="USER: <image>\n描述图片。 ASSISTANT:", return_tensors="pt")
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        with adapters_disabled(model):
+            torch.testing.assert_close(model(**inputs).logits, base(**inputs).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(**inputs).logits, adapted, atol=0, rtol=0)

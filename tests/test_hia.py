@@ -285,6 +285,45 @@ def test_save_writes_only_the_adapter_and_loads_under_any_name(processor, images
         torch.testing.assert_close(native(**inputs).logits, expected, atol=1e-6, rtol=0)
 
 
+def test_modules_to_save_train_with_the_adapter_and_leave_the_base_alone(processor, images, tmp_path):
+    """The decoder layer after HiA's last block and lm_head (what reads HiA's injection) train as PEFT
+    modules_to_save copies: saved in the adapter, reloaded by PEFT and by transformers' load_adapter, and the base's
+    own weights come back when the adapter is disabled."""
+    model = get_peft_model(tiny_model(), hia_config(modules_to_save=["language_model.layers.3", "lm_head"]))
+    base_head = model.get_base_model().lm_head.original_module.weight.detach().clone()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = processor(images=images[:2], text=COMPARE + " 好转</s>", return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    for _ in range(3):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    head = model.get_base_model().lm_head
+    assert not torch.equal(head.modules_to_save["default"].weight, base_head)
+    assert torch.equal(head.original_module.weight, base_head)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.weight" in saved
+    assert any(".language_model.layers.3.mlp." in key for key in saved)
+    assert not any(".language_model.layers.2.mlp." in key for key in saved)  # the frozen layers stay in the base
+
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
+        torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-6, rtol=0)
+        native = tiny_model()
+        native.load_adapter(str(tmp_path), adapter_name="hia")
+        torch.testing.assert_close(native(**inputs).logits, expected, atol=1e-6, rtol=0)
+        with loaded.disable_adapter():
+            torch.testing.assert_close(loaded(**inputs).logits, tiny_model()(**inputs).logits, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="lies in decoder layer 2, which HiA wraps"):
+        get_peft_model(tiny_model(), hia_config(modules_to_save=["language_model.layers.2.mlp"]))
+
+
 def test_full_resolution_stem_is_saved_and_rebuilt_from_the_config(processor, images, tmp_path):
     model = hia_model(encoder_stem="full_resolution")
     model.save_pretrained(tmp_path)

@@ -196,14 +196,24 @@ def test_instruct_lora_saves_an_adapter(workspace, tmp_path):
     assert not (tmp_path / "lora" / "model.safetensors").exists()
 
 
-def test_hia_stage_saves_an_adapter_that_loads(workspace, tmp_path):
+@pytest.mark.parametrize("modules_to_save", [[], ["lm_head"]])
+def test_hia_stage_saves_an_adapter_that_loads(workspace, tmp_path, modules_to_save):
     hia_flags = ["--num-queries", "8", "--num-heads", "4", "--encoder-depths", "1", "1", "--encoder-width", "8",
                  "--high-res-size", "56", "--learning-rate", "1e-3"]
+    if modules_to_save:
+        hia_flags += ["--modules-to-save", *modules_to_save]
     _train(workspace, tmp_path / "hia", "hia", *hia_flags)
     files = set(os.listdir(tmp_path / "hia"))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
     config = json.loads((tmp_path / "hia" / "adapter_config.json").read_text())
     assert config["peft_type"] == "HIA" and config["high_res_size"] == 56
+    saved = load_file(tmp_path / "hia" / "adapter_model.safetensors")
+    head = saved.get("base_model.model.lm_head.weight")
+    if modules_to_save:  # the adapter's own trained copy of lm_head
+        assert config["modules_to_save"] == ["lm_head"] and head is not None
+        assert not torch.equal(head, _base_state()["lm_head.weight"])
+    else:
+        assert head is None
     model = PeftModel.from_pretrained(tiny_model(), tmp_path / "hia")
     batch = ConversationCollator(tiny_processor(), str(workspace))(RECORDS[:2])
     with torch.no_grad():

@@ -984,7 +984,7 @@ def train_base(args):
     processor.save_pretrained(out)
 
 
-def hia_model(run, variant, feature_positions="none", seed=0, layers=None):
+def hia_model(run, variant, feature_positions="none", seed=0, layers=None, modules_to_save=None):
     from peft import get_peft_model
 
     import qilin_med_vl  # noqa: F401
@@ -998,6 +998,8 @@ def hia_model(run, variant, feature_positions="none", seed=0, layers=None):
     kwargs = {**HIA_KWARGS, **VARIANTS[variant], "feature_positions": feature_positions}
     if layers:
         kwargs["layers"] = layers
+    if modules_to_save:
+        kwargs["modules_to_save"] = modules_to_save
     model = get_peft_model(model, HiAConfig(**kwargs))
     owner = next(m for m in model.modules() if isinstance(m, HiABlock) and m.encoder is not None)
     load_high_probe(Path(run) / "vision_high.pt", owner.encoder, channels_last=False)  # the warmed encoder, in place
@@ -1014,7 +1016,8 @@ def train_hia(args):
         train = Split(run / "data", "train", load_high=False)
         features = torch.load(run / "features_train.pt")[str(VARIANTS[variant]["high_res_size"])]
         grid = int(features.shape[1] ** 0.5)
-        model, owner = hia_model(run, variant, args.feature_positions, args.seed, args.hia_layers)
+        model, owner = hia_model(run, variant, args.feature_positions, args.seed, args.hia_layers,
+                                 args.modules_to_save)
         processor = load_processor(run, VARIANTS[variant]["high_res_size"])
         cached = sum(1 for images in train.images_of if images[-1] < len(features))
         train.records = train.records[:cached]  # those with cached features (the first ones)
@@ -1023,7 +1026,12 @@ def train_hia(args):
         owner.encode = lambda pixels: (current["features"], (grid, grid))  # the frozen encoder's cached output
         params = [p for p in model.parameters() if p.requires_grad]
         log(f"{variant}: {sum(p.numel() for p in params)} trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+        # The base model's copies in modules_to_save start from trained weights: they move at --modules-lr-scale x lr
+        saved = [p for name, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in name]
+        optimizer = torch.optim.AdamW([p for p in params if all(p is not q for q in saved)], lr=args.lr,
+                                      weight_decay=0.0)
+        if saved:
+            optimizer.add_param_group({"params": saved, "lr_scale": args.modules_lr_scale})
         ckpt = run / f"{variant}.ckpt"
         modules = {"model": model}
         # Flake and normal records `--flake-normal-weight` times as often: the findings only the high-resolution path
@@ -1305,6 +1313,12 @@ def main(argv=None):
     parser.add_argument("--tune-language-model", type=float, default=0.0,
                         help="hia (diagnostic): train the language model too, at this fraction of --lr; the tuned "
                              "model is saved in <run>/<variant>_base")
+    parser.add_argument("--modules-to-save", nargs="+", default=None,
+                        help="hia: HiAConfig.modules_to_save, base-model modules that train with the adapter and are "
+                             "saved in it (for example language_model.layers.3 language_model.norm lm_head: what "
+                             "reads HiA's last injection)")
+    parser.add_argument("--modules-lr-scale", type=float, default=0.1,
+                        help="hia: learning rate of the --modules-to-save copies, as a fraction of --lr")
     parser.add_argument("--flake-pair-weight", type=float, default=1.0,
                         help="hia: comparative records of a small flake that improved, worsened or stayed drawn this "
                              "many times more often within the comparative task (on top of --flake-normal-weight)")

@@ -76,10 +76,12 @@ class StreamUpdate:
 @contextmanager
 def adapters_disabled(model):
     """Switch every PEFT adapter layer of `model` off for the block, with PEFT's own layer switch (transformers'
-    `disable_adapters()` refuses PEFT < 0.22 from transformers 5.24 on, and no such PEFT is released yet)."""
+    `disable_adapters()` refuses PEFT < 0.22 from transformers 5.24 on, and no such PEFT is released yet). The
+    adapter's `modules_to_save` copies are switched too, so the base's own weights answer."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
-    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    layers = [module for module in model.modules() if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
     for layer in layers:
         layer.enable_adapters(False)
     try:

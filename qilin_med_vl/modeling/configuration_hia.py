@@ -80,6 +80,15 @@ class HiAConfig(PeftConfig):
         default=None,
         metadata={"help": "Layer count of the language model the adapter was built for (set on creation)."},
     )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules of the base model that train with the adapter and are saved in it (PEFT's "
+            "`modules_to_save`; the base keeps its own copy, used again when the adapter is disabled). For example "
+            "the decoder layers after HiA's last block and `lm_head`, which read what HiA injects. A module inside "
+            "a layer HiA wraps cannot be one of them."
+        },
+    )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Derived from `layers`; not meant to be set by hand."}
     )

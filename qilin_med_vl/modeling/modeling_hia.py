@@ -417,6 +417,15 @@ class HiAModel(BaseTuner):
             # answer tokens' logits are used), so it would train to nothing and change nothing.
             raise ValueError(f"HiA layer {num_layers - 1} is the last of the {num_layers} decoder layers: a block "
                              "there changes nothing (no later layer reads the image tokens); choose earlier layers")
+        for name in peft_config.modules_to_save or ():
+            # PEFT refuses a modules_to_save copy inside a tuner layer with a message about adapter names; say which
+            # layer and what to choose instead.
+            wrapped = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
+            if wrapped and int(wrapped.group(1)) in peft_config.layers:
+                raise ValueError(
+                    f"HiA modules_to_save entry {name!r} lies in decoder layer {wrapped.group(1)}, which HiA wraps "
+                    f"(layers {peft_config.layers}); choose a layer HiA does not wrap, or lm_head"
+                )
         indices = "|".join(str(layer) for layer in peft_config.layers)
         peft_config.target_modules = rf"^(.*\.)?language_model\.layers\.({indices})$"
         return peft_config
