@@ -29,8 +29,12 @@ evaluate() {  # name, model, adapter (or ""), split
     --image-root "$RUN/data" --output-dir "$out" --batch-size 16 --max-new-tokens 96 --name "$1" \
     > "$RUN/logs/evaluate-$4-$1.log" 2>&1
 }
+# HiA trains with its own copies of what reads its last injection (decoder layer 3, the final norm, lm_head) at a
+# tenth of its learning rate; the base's weights stay as they are (HiAConfig.modules_to_save)
 hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 --flake-normal-weight 4 \
-  --feature-positions sincos --flake-pair-weight 3 > "$RUN/logs/hia-$1.log" 2>&1; }
+  --feature-positions sincos --flake-pair-weight 3 \
+  --modules-to-save language_model.layers.3 language_model.norm lm_head --modules-lr-scale 0.1 \
+  > "$RUN/logs/hia-$1.log" 2>&1; }
 
 # 1. data: rendered once, cached as uint8 views (seed 1: a fresh test split)
 [ -n "${SKIP_DATA:-}" ] || [ -f "$RUN/data/cache/test.npz" ] || "$PY" "$HERE/data_cache.py" --output "$RUN/data" --seed 1 --train 2400 \
