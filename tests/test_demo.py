@@ -55,7 +55,7 @@ def test_the_embedded_demo_model_ships_with_the_package(capsys):
     assert (DEMO_MODEL_DIR / "config.json").is_file() and (DEMO_MODEL_DIR / "hia" / "adapter_config.json").is_file()
     size = sum(path.stat().st_size for path in DEMO_MODEL_DIR.rglob("*")
                if path.is_file() and "examples" not in path.parts)
-    assert size <= 25 * 1024 * 1024
+    assert size <= 30 * 1024 * 1024  # base 18 MB + HiA with its own decoder layer 3 and lm_head 9 MB, in float32
     assert cli(["demo", "--max-new-tokens", "48"]) == 0
     answer = capsys.readouterr().out
     assert any("\u4e00" <= character <= "\u9fff" for character in answer)  # a Chinese report
