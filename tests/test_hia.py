@@ -324,42 +324,6 @@ def test_modules_to_save_train_with_the_adapter_and_leave_the_base_alone(process
         get_peft_model(tiny_model(), hia_config(modules_to_save=["language_model.layers.2.mlp"]))
 
 
-def test_extractor_sink_lets_the_extracted_value_depend_on_how_many_cells_match():
-    """Without a sink the extractor's softmax averages the cells a query matches: a grid of identical cells gives the
-    same update whatever its size. With `extractor_sink` the share each query gives the grid rather than the sink
-    grows with the number of matching cells, and the returned attention covers the grid only."""
-    torch.manual_seed(0)
-    tokens, instruction, cell = torch.randn(1, 3, 64), torch.randn(1, 64), torch.randn(64)
-    for sink in (False, True):
-        block = HiABlock(hia_config(extractor_sink=sink), base_hidden_size=64, owns_encoder=False).eval()
-        torch.nn.init.normal_(block.output_proj.weight)  # not the identity
-        updates, grid_shares = [], []
-        with torch.no_grad():
-            for cells in (2, 8):
-                update, attention = block(tokens, instruction, cell.expand(1, cells, 64), need_weights=True)
-                assert attention.shape == (1, 8, cells)
-                updates.append(update)
-                grid_shares.append(attention.sum(-1))
-        if sink:
-            assert (updates[0] - updates[1]).abs().max() > 1e-3
-            assert (grid_shares[0] < grid_shares[1]).all() and (grid_shares[1] < 1).all()
-        else:
-            torch.testing.assert_close(updates[0], updates[1], atol=1e-5, rtol=0)
-            torch.testing.assert_close(grid_shares[1], torch.ones(1, 8))
-
-
-def test_sink_adapter_is_saved_and_reloads_with_its_sink(processor, images, tmp_path):
-    model = hia_model(extractor_sink=True)
-    model.save_pretrained(tmp_path)
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert any(key.endswith("extract_attn.bias_k") for key in saved)
-    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
-    with torch.no_grad():
-        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
-        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-6, rtol=0)
-    assert not hia_config().extractor_sink  # the paper's extractor by default; older adapters load without a sink
-
-
 def test_full_resolution_stem_is_saved_and_rebuilt_from_the_config(processor, images, tmp_path):
     model = hia_model(encoder_stem="full_resolution")
     model.save_pretrained(tmp_path)

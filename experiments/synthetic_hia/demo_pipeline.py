@@ -984,8 +984,7 @@ def train_base(args):
     processor.save_pretrained(out)
 
 
-def hia_model(run, variant, feature_positions="none", seed=0, layers=None, modules_to_save=None,
-              extractor_sink=False):
+def hia_model(run, variant, feature_positions="none", seed=0, layers=None, modules_to_save=None):
     from peft import get_peft_model
 
     import qilin_med_vl  # noqa: F401
@@ -1001,8 +1000,6 @@ def hia_model(run, variant, feature_positions="none", seed=0, layers=None, modul
         kwargs["layers"] = layers
     if modules_to_save:
         kwargs["modules_to_save"] = modules_to_save
-    if extractor_sink:
-        kwargs["extractor_sink"] = True
     model = get_peft_model(model, HiAConfig(**kwargs))
     owner = next(m for m in model.modules() if isinstance(m, HiABlock) and m.encoder is not None)
     load_high_probe(Path(run) / "vision_high.pt", owner.encoder, channels_last=False)  # the warmed encoder, in place
@@ -1020,7 +1017,7 @@ def train_hia(args):
         features = torch.load(run / "features_train.pt")[str(VARIANTS[variant]["high_res_size"])]
         grid = int(features.shape[1] ** 0.5)
         model, owner = hia_model(run, variant, args.feature_positions, args.seed, args.hia_layers,
-                                 args.modules_to_save, args.extractor_sink)
+                                 args.modules_to_save)
         processor = load_processor(run, VARIANTS[variant]["high_res_size"])
         cached = sum(1 for images in train.images_of if images[-1] < len(features))
         train.records = train.records[:cached]  # those with cached features (the first ones)
@@ -1188,7 +1185,6 @@ def pointing(args):
         out = model(**batch, output_hia_attentions=True)
         gh, gw = out.hia_grid_size
         attention = torch.stack(out.hia_attentions).mean(0).mean(1).view(len(images), gh, gw)  # (N, gh, gw)
-        attention = attention / attention.sum((1, 2), keepdim=True)  # shares of the grid's mass (an extractor sink)
         for image, att in zip(images, attention):
             cells = lesion_map(test.boxes[image], test.kinds[image], gh).amax(0)  # (gh, gw) 0/1
             key = test.finding_key(image)
@@ -1321,9 +1317,6 @@ def main(argv=None):
                         help="hia: HiAConfig.modules_to_save, base-model modules that train with the adapter and are "
                              "saved in it (for example language_model.layers.3 language_model.norm lm_head: what "
                              "reads HiA's last injection)")
-    parser.add_argument("--extractor-sink", action="store_true",
-                        help="hia: HiAConfig.extractor_sink (a learned key and value the extractor's queries can "
-                             "attend to instead of the grid)")
     parser.add_argument("--modules-lr-scale", type=float, default=0.1,
                         help="hia: learning rate of the --modules-to-save copies, as a fraction of --lr")
     parser.add_argument("--flake-pair-weight", type=float, default=1.0,

@@ -72,15 +72,6 @@ class HiAConfig(PeftConfig):
             "added to the normalised features before the extractor's key projection; no parameters)."
         },
     )
-    extractor_sink: bool = field(
-        default=False,
-        metadata={
-            "help": "Give the extractor's cross-attention a learned key and value that every query can attend to "
-            "instead of the grid (torch's `add_bias_kv`). Without it (the paper's) the softmax over the grid makes "
-            "each extracted value an average of the cells a query matches, the same for a lesion of 2 cells as of "
-            "8; with it the share a query gives the grid rather than the sink grows with the lesion's extent."
-        },
-    )
     base_hidden_size: int | None = field(
         default=None,
         metadata={"help": "Hidden size of the language model the adapter was built for (set on creation)."},

@@ -125,9 +125,7 @@ class HiABlock(nn.Module):
         self.query_norm = nn.LayerNorm(width)
         self.feature_norm = nn.LayerNorm(width)
         self.feature_proj = nn.Linear(width, width)
-        self.extractor_sink = config.extractor_sink
-        self.extract_attn = nn.MultiheadAttention(width, config.num_heads, batch_first=True,
-                                                  add_bias_kv=self.extractor_sink)
+        self.extract_attn = nn.MultiheadAttention(width, config.num_heads, batch_first=True)
         # Injection: Vbar = CrossAttn(V, Zbar); V + Vbar feeds the next layer.
         self.token_norm = nn.LayerNorm(base_hidden_size)
         self.token_proj = nn.Linear(base_hidden_size, width)
@@ -161,8 +159,7 @@ class HiABlock(nn.Module):
         visual_tokens `(N, K, H)`: layer output at each image's positions; instruction_states `(N, H)`: h_last of the
         sample each image belongs to; features `(N, P, D)`, row-major on a `grid_size` `(grid_h, grid_w)` grid
         (needed with `feature_positions="sincos"`). Returns the update for the visual tokens `(N, K, H)` and, when
-        asked, the extractor's attention `(N, M, P)` averaged over heads (with `extractor_sink`, the grid's part
-        only: each query's row sums to the share it did not give the sink).
+        asked, the extractor's attention `(N, M, P)` averaged over heads.
         """
         dtype = self.queries.dtype
         visual_tokens, instruction_states = visual_tokens.to(dtype), instruction_states.to(dtype)
@@ -180,8 +177,6 @@ class HiABlock(nn.Module):
         extracted, attention = self.extract_attn(
             self.query_norm(queries), keys, keys, need_weights=need_weights, average_attn_weights=True
         )
-        if attention is not None and self.extractor_sink:
-            attention = attention[..., :-1]  # the sink's key comes last; what is left sums to the grid's share
         extracted = self.extracted_norm(extracted)
         injected, _ = self.inject_attn(
             self.token_proj(self.token_norm(visual_tokens)), extracted, extracted, need_weights=False
