@@ -320,8 +320,13 @@ def test_modules_to_save_train_with_the_adapter_and_leave_the_base_alone(process
         torch.testing.assert_close(native(**inputs).logits, expected, atol=1e-6, rtol=0)
         with loaded.disable_adapter():
             torch.testing.assert_close(loaded(**inputs).logits, tiny_model()(**inputs).logits, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="lies in decoder layer 2, which HiA wraps"):
-        get_peft_model(tiny_model(), hia_config(modules_to_save=["language_model.layers.2.mlp"]))
+    for name in ("language_model.layers.2.mlp", "layers.2", "model.language_model.layers.2"):
+        with pytest.raises(ValueError, match="lies in decoder layer 2, which HiA wraps"):
+            get_peft_model(tiny_model(), hia_config(modules_to_save=[name]))
+    # the vision tower's layer of the same index is not HiA's: it trains and is saved
+    vision = get_peft_model(tiny_model(), hia_config(modules_to_save=["encoder.layers.1"]))
+    assert any(".vision_tower." in name and ".modules_to_save." in name
+               for name, p in vision.named_parameters() if p.requires_grad)
 
 
 def test_full_resolution_stem_is_saved_and_rebuilt_from_the_config(processor, images, tmp_path):

@@ -420,8 +420,12 @@ class HiAModel(BaseTuner):
         for name in peft_config.modules_to_save or ():
             # PEFT refuses a modules_to_save copy inside a tuner layer with a message about adapter names; say which
             # layer and what to choose instead.
+            # Names match by suffix: "layers.1", "language_model.layers.1.mlp" reach into the language model's
+            # layer 1; "encoder.layers.1" is the vision tower's.
             wrapped = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
-            if wrapped and int(wrapped.group(1)) in peft_config.layers:
+            owner = name[: wrapped.start()] if wrapped else ""
+            in_language_model = "model.language_model".endswith(owner) or owner.endswith("language_model")
+            if wrapped and in_language_model and int(wrapped.group(1)) in peft_config.layers:
                 raise ValueError(
                     f"HiA modules_to_save entry {name!r} lies in decoder layer {wrapped.group(1)}, which HiA wraps "
                     f"(layers {peft_config.layers}); choose a layer HiA does not wrap, or lm_head"
