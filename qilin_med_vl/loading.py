@@ -63,6 +63,27 @@ def default_adapter(model: str | os.PathLike) -> str | None:
     return HIA_SUBFOLDER if os.path.isfile(os.path.join(model, HIA_SUBFOLDER, "adapter_config.json")) else None
 
 
+def adapter_copied_modules(model: str, adapter: str | None) -> list[str]:
+    """Full names of the base modules an adapter ships its own copy of (PEFT's `modules_to_save`), for example
+    `["model.language_model.layers.3", "lm_head"]`: they must stay unquantized, or the copy cannot load. Empty
+    without an adapter or without such modules."""
+    if not adapter:
+        return []
+    from peft import PeftConfig
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    subfolder = {"subfolder": HIA_SUBFOLDER} if adapter == HIA_SUBFOLDER else {}
+    config = PeftConfig.from_pretrained(model if subfolder else adapter, **subfolder)
+    entries = getattr(config, "modules_to_save", None) or []
+    if not entries:
+        return []
+    # The names as the model has them, read from a weightless copy (meta device: no memory, no download of weights)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model))
+    return [name for name, _ in skeleton.named_modules()
+            if any(name == entry or name.endswith("." + entry) for entry in entries)]
+
+
 def check_images(paths, frame=None) -> str | None:
     """The first problem with the image files (one line naming the file), or None: checked before a model load
     that takes seconds to minutes, so a typo fails at once."""
@@ -103,6 +124,7 @@ def load_model_and_processor(
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
     import qilin_med_vl  # noqa: F401  (registers the auto classes and the HiA adapter type)
+    from qilin_med_vl.modeling.modeling_qilin_med_vl import QUANTIZATION_SKIP_MODULES
 
     if load_in_4bit and load_in_8bit:
         raise ValueError("Choose one of load_in_4bit and load_in_8bit")
@@ -116,7 +138,8 @@ def load_model_and_processor(
         kwargs["dtype"] = dtype
     if load_in_4bit or load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=dtype or torch.bfloat16
+            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=dtype or torch.bfloat16,
+            llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES + adapter_copied_modules(model, adapter),
         )
         device = device or "auto"
     if device:

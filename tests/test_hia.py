@@ -323,6 +323,10 @@ def test_modules_to_save_train_with_the_adapter_and_leave_the_base_alone(process
     for name in ("language_model.layers.2.mlp", "layers.2", "model.language_model.layers.2"):
         with pytest.raises(ValueError, match="lies in decoder layer 2, which HiA wraps"):
             get_peft_model(tiny_model(), hia_config(modules_to_save=[name]))
+    with pytest.raises(ValueError, match="lies in decoder layer 1, which HiA wraps"):  # "mlp" matches every layer's
+        get_peft_model(tiny_model(), hia_config(modules_to_save=["mlp"]))
+    with pytest.raises(ValueError, match="'language_model.layer.3' matches no module"):  # a typo trains nothing
+        get_peft_model(tiny_model(), hia_config(modules_to_save=["language_model.layer.3"]))
     # the vision tower's layer of the same index is not HiA's: it trains and is saved
     vision = get_peft_model(tiny_model(), hia_config(modules_to_save=["encoder.layers.1"]))
     assert any(".vision_tower." in name and ".modules_to_save." in name
@@ -566,6 +570,40 @@ def test_hia_trains_on_a_quantized_base(tmp_path, processor, images, quantizatio
     generated = model.generate(**processor(images=images[:2], text=COMPARE, return_tensors="pt"), max_new_tokens=3,
                                do_sample=False, pad_token_id=0)
     assert generated.shape[1] > 3
+
+
+def test_an_adapter_with_modules_to_save_loads_on_a_4bit_base(tmp_path, processor, images):
+    """The copied modules must stay unquantized: the package's loader keeps them so; a base quantized without them
+    gets an error that says what to do, not a size mismatch."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    from qilin_med_vl import QilinMedVLForConditionalGeneration
+    from qilin_med_vl.loading import adapter_copied_modules, load_model_and_processor
+
+    tiny_model().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    adapted = hia_model(modules_to_save=["language_model.layers.3", "lm_head"])
+    with torch.no_grad():
+        adapted.get_base_model().lm_head.modules_to_save["default"].weight.mul_(2.0)
+    adapted.save_pretrained(tmp_path / "hia")
+    assert adapter_copied_modules(str(tmp_path), "hia") == ["model.language_model.layers.3", "lm_head"]
+
+    model, _ = load_model_and_processor(str(tmp_path), "hia", "cpu", load_in_4bit=True, dtype=torch.float32)
+    quantized = [name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 3 * 7 and not any(".layers.3." in name for name in quantized)
+    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
+    with torch.no_grad():
+        quantized_logits, float_logits = model(**inputs).logits, adapted(**inputs).logits
+        with adapted.disable_adapter():
+            base_logits = adapted(**inputs).logits
+    # the adapter's doubled head answers on the 4-bit base, not the base's own head
+    assert (quantized_logits - float_logits).abs().mean() < 0.5 * (quantized_logits - base_logits).abs().mean()
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    base = QilinMedVLForConditionalGeneration.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
+    with pytest.raises(ValueError, match="is quantized .bitsandbytes. in this model.*llm_int8_skip_modules"):
+        base.load_adapter(str(tmp_path / "hia"))
 
 
 def test_hia_attaches_to_transformers_llava_identity_trains_saves_reloads(processor, images, tmp_path):

@@ -1009,6 +1009,9 @@ def hia_model(run, variant, feature_positions="none", seed=0, layers=None, modul
 
 def train_hia(args):
     run = Path(args.run)
+    if args.tune_language_model and args.modules_to_save:
+        raise SystemExit("hia: --tune-language-model trains the whole language model; it cannot be combined with "
+                         "--modules-to-save, which trains the adapter's own copies of some of its modules")
     for variant in args.variants:
         out = run / variant
         if (out / "adapter_model.safetensors").is_file():

@@ -417,22 +417,40 @@ class HiAModel(BaseTuner):
             # answer tokens' logits are used), so it would train to nothing and change nothing.
             raise ValueError(f"HiA layer {num_layers - 1} is the last of the {num_layers} decoder layers: a block "
                              "there changes nothing (no later layer reads the image tokens); choose earlier layers")
-        for name in peft_config.modules_to_save or ():
-            # PEFT refuses a modules_to_save copy inside a tuner layer with a message about adapter names; say which
-            # layer and what to choose instead.
-            # Names match by suffix: "layers.1", "language_model.layers.1.mlp" reach into the language model's
-            # layer 1; "encoder.layers.1" is the vision tower's.
-            wrapped = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
-            owner = name[: wrapped.start()] if wrapped else ""
-            in_language_model = "model.language_model".endswith(owner) or owner.endswith("language_model")
-            if wrapped and in_language_model and int(wrapped.group(1)) in peft_config.layers:
-                raise ValueError(
-                    f"HiA modules_to_save entry {name!r} lies in decoder layer {wrapped.group(1)}, which HiA wraps "
-                    f"(layers {peft_config.layers}); choose a layer HiA does not wrap, or lm_head"
-                )
         indices = "|".join(str(layer) for layer in peft_config.layers)
         peft_config.target_modules = rf"^(.*\.)?language_model\.layers\.({indices})$"
         return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: HiAConfig, adapter_name: str) -> None:
+        # `modules_to_save` entries match module names by suffix, as PEFT matches them. Check them against the real
+        # model before PEFT wraps anything: PEFT's own errors speak of adapter names, and an entry that matches
+        # nothing would train nothing without a word.
+        if not config.modules_to_save:
+            return
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        modules = dict(model.named_modules())
+        wrapped = [name for name in modules if re.fullmatch(config.target_modules, name)]
+        for entry in config.modules_to_save:
+            matches = [name for name in modules if name == entry or name.endswith("." + entry)]
+            if not matches:
+                raise ValueError(f"HiA modules_to_save entry {entry!r} matches no module of the model")
+            for name in matches:
+                inside = next((layer for layer in wrapped if name == layer or name.startswith(layer + ".")), None)
+                if inside is not None:
+                    raise ValueError(
+                        f"HiA modules_to_save entry {entry!r} matches {name!r}, which lies in decoder layer "
+                        f"{inside.rsplit('.', 1)[-1]}, which HiA wraps (layers {config.layers}); choose a layer HiA "
+                        "does not wrap, or lm_head"
+                    )
+                quantized = [sub for sub, module in modules[name].named_modules()
+                             if type(module).__module__.startswith("bitsandbytes")]
+                if quantized:
+                    raise ValueError(
+                        f"HiA modules_to_save entry {entry!r} matches {name!r}, which is quantized (bitsandbytes) in "
+                        "this model: the adapter's own float copy of it cannot be trained or loaded there. Load the "
+                        f"base with BitsAndBytesConfig(llm_int8_skip_modules=[..., {name!r}]); "
+                        "qilin_med_vl.loading.load_model_and_processor(model, adapter, load_in_4bit=True) does that"
+                    )
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, HiALayer):
