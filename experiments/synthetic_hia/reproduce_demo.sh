@@ -30,8 +30,9 @@ evaluate() {  # name, model, adapter (or ""), split
     > "$RUN/logs/evaluate-$4-$1.log" 2>&1
 }
 # HiA trains with its own copies of what reads its last injection (decoder layer 3, the final norm, lm_head) at a
-# tenth of its learning rate; the base's weights stay as they are (HiAConfig.modules_to_save)
-hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 --flake-normal-weight 4 \
+# tenth of its learning rate; the base's weights stay as they are (HiAConfig.modules_to_save). Normal knees are drawn
+# 2x more again, so that an adapter that cannot see a flake (w/o HR) does not learn to guess one.
+hia() { stage hia --variants "$1" --steps 1200 --batch-size 12 --lr 1e-3 --flake-normal-weight 4 --normal-weight 2 \
   --feature-positions sincos --flake-pair-weight 3 \
   --modules-to-save language_model.layers.3 language_model.norm lm_head --modules-lr-scale 0.1 \
   > "$RUN/logs/hia-$1.log" 2>&1; }
