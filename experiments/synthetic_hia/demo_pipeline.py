@@ -638,10 +638,13 @@ def auc_score(positive, negative):
 
 
 @torch.no_grad()
-def probe_predictions(probe, images, batch_size=32):
+def probe_predictions(probe, images, batch_size=32, return_amounts=False):
+    """Lesion-map logits (N, NUM_KINDS, g, g); with `return_amounts` (a `HighResProbe` with its amount head),
+    `(logits, amounts)`."""
     probe.eval()
-    logits = [probe(normalise(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    return torch.cat(logits)
+    extra = {"return_amounts": True} if return_amounts else {}
+    outputs = [probe(normalise(images[i : i + batch_size]), **extra) for i in range(0, len(images), batch_size)]
+    return tuple(torch.cat(parts) for parts in zip(*outputs)) if return_amounts else torch.cat(outputs)
 
 
 def load_probes(run):
@@ -754,18 +757,12 @@ def controls_pairs(args):
 
     def pair_features(probe, pixels, images, batch_size):
         chosen = pixels[[i for pair in images for i in pair]]
-        if getattr(probe, "amount_head", None) is None:
-            flake, amounts = probe_predictions(probe, chosen, batch_size)[:, 0].flatten(1), None
-        else:
-            probe.eval()
-            with torch.no_grad():
-                logits, amounts = (torch.cat(parts) for parts in zip(*(
-                    probe(normalise(chosen[i : i + batch_size]), return_amounts=True)
-                    for i in range(0, len(chosen), batch_size))))
-            flake, amounts = logits[:, 0].flatten(1), amounts[:, 0].flatten(1)
+        with_amounts = getattr(probe, "amount_head", None) is not None
+        output = probe_predictions(probe, chosen, batch_size, return_amounts=with_amounts)
+        flake = (output[0] if with_amounts else output)[:, 0].flatten(1)
         per_image = [flake.amax(-1), (flake > 0).float().sum(-1).add(1).log()]
-        if amounts is not None:  # and the amount read at the strongest flake cell
-            per_image.append(amounts.gather(1, flake.argmax(-1, keepdim=True))[:, 0])
+        if with_amounts:  # and the amount read at the strongest flake cell
+            per_image.append(output[1][:, 0].flatten(1).gather(1, flake.argmax(-1, keepdim=True))[:, 0])
         per_image = torch.stack(per_image, -1).view(len(images), 2, -1)
         return torch.cat([per_image[:, 0], per_image[:, 1], per_image[:, 1] - per_image[:, 0]], -1)  # (pairs, 6 or 9)
 
@@ -1030,8 +1027,9 @@ def train_hia(args):
         params = [p for p in model.parameters() if p.requires_grad]
         log(f"{variant}: {sum(p.numel() for p in params)} trainable parameters")
         # The base model's copies in modules_to_save start from trained weights: they move at --modules-lr-scale x lr
-        saved = [p for name, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in name]
-        optimizer = torch.optim.AdamW([p for p in params if all(p is not q for q in saved)], lr=args.lr,
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        saved = [p for name, p in named if ".modules_to_save." in name]
+        optimizer = torch.optim.AdamW([p for name, p in named if ".modules_to_save." not in name], lr=args.lr,
                                       weight_decay=0.0)
         if saved:
             optimizer.add_param_group({"params": saved, "lr_scale": args.modules_lr_scale})

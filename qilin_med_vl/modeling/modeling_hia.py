@@ -442,9 +442,7 @@ class HiAModel(BaseTuner):
                         f"{inside.rsplit('.', 1)[-1]}, which HiA wraps (layers {config.layers}); choose a layer HiA "
                         "does not wrap, or lm_head"
                     )
-                quantized = [sub for sub, module in modules[name].named_modules()
-                             if type(module).__module__.startswith("bitsandbytes")]
-                if quantized:
+                if any(type(module).__module__.startswith("bitsandbytes") for module in modules[name].modules()):
                     raise ValueError(
                         f"HiA modules_to_save entry {entry!r} matches {name!r}, which is quantized (bitsandbytes) in "
                         "this model: the adapter's own float copy of it cannot be trained or loaded there. Load the "
