@@ -981,26 +981,6 @@ def train_base(args):
     processor.save_pretrained(out)
 
 
-def change_weighted_loss(model, batch, marker_ids, weight):
-    """Next-token loss of a comparative batch in which the answer's tokens from its first `marker_ids` ("第二张", where
-    the answer turns to the follow-up image) on count `weight` times: the few tokens that say how the finding changed
-    are otherwise a small share of a long answer whose first half only describes the first image. Divided by the
-    number of answer tokens, not by the weights' sum, so that those tokens' gradient grows `weight` times."""
-    labels = batch.pop("labels")
-    logits = model(**batch).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    weights = (targets != -100).float()
-    count = weights.sum()
-    marker = torch.tensor(marker_ids)
-    for row in range(len(targets)):
-        windows = targets[row].unfold(0, len(marker), 1)  # (T - len + 1, len)
-        found = (windows == marker).all(-1).nonzero()
-        if len(found):
-            weights[row, int(found[0]):] *= weight
-    losses = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-    return (losses * weights).sum() / count
-
-
 def hia_model(run, variant, feature_positions="none", seed=0, layers=None, modules_to_save=None,
               compare_images=False):
     from peft import get_peft_model
@@ -1125,8 +1105,6 @@ def train_hia(args):
         model.train()
         owner.encoder.eval()
 
-        second_image_ids = processor.tokenizer("第二张", add_special_tokens=False).input_ids[-3:]
-
         def answer(image):
             if image not in answers:
                 findings = train.records[train.record[image]]["meta"]["findings"][train.view[image]]
@@ -1139,10 +1117,7 @@ def train_hia(args):
             batch, images = batcher(records)
             current["features"] = features[images].float()
             batch["high_res_pixel_values"] = torch.zeros(len(images), 3, 1, 1)
-            if args.change_weight != 1.0 and train.records[records[0]]["task"] == "comparative":
-                loss = change_weighted_loss(model, batch, second_image_ids, args.change_weight)
-            else:
-                loss = model(**batch).loss
+            loss = model(**batch).loss
             if pair_head is not None and train.records[records[0]]["task"] == "comparative":
                 values = extracted["values"].view(len(records), 2, -1)  # (pairs, before / after, D)
                 before, after = values[:, 0], values[:, 1]
@@ -1348,9 +1323,6 @@ def main(argv=None):
     parser.add_argument("--compare-images", action="store_true",
                         help="hia: HiAConfig.compare_images (each image also gets what changed since the previous "
                              "image of its prompt)")
-    parser.add_argument("--change-weight", type=float, default=1.0,
-                        help="hia: weight of a comparative answer's tokens from where it turns to the second image "
-                             "(see change_weighted_loss)")
     parser.add_argument("--modules-lr-scale", type=float, default=0.1,
                         help="hia: learning rate of the --modules-to-save copies, as a fraction of --lr")
     parser.add_argument("--flake-pair-weight", type=float, default=1.0,
