@@ -134,9 +134,8 @@ def test_instruction_changes_what_is_injected(processor, images):
     torch.testing.assert_close(hidden_a, hidden_b)  # "w/o IA": the instruction does not enter
 
 
-@pytest.mark.parametrize("compare_images", [False, True])
-def test_each_sample_uses_its_own_images_and_text_only_samples_pass_through(processor, images, compare_images):
-    model = hia_model(compare_images=compare_images)  # compare_images: a sample's first image is compared with nothing
+def test_each_sample_uses_its_own_images_and_text_only_samples_pass_through(processor, images):
+    model = hia_model()
     texts = [
         "USER: 你好 ASSISTANT:",
         "USER: <image>\n描述 ASSISTANT:",
@@ -404,46 +403,6 @@ def test_feature_positions_refuse_bad_values_and_a_missing_grid():
     block = HiABlock(hia_config(feature_positions="sincos", hidden_size=16), 32, owns_encoder=False)
     with pytest.raises(ValueError, match="needs the grid of the 4 features, got None"):
         block(torch.randn(1, 4, 32), torch.randn(1, 32), torch.randn(1, 4, 16), False)
-
-
-def test_compare_images_gives_each_image_what_changed_since_the_previous_one():
-    block = HiABlock(hia_config(compare_images=True, hidden_size=16), 32, owns_encoder=False).eval()
-    plain = HiABlock(hia_config(hidden_size=16), 32, owns_encoder=False).eval()
-    torch.nn.init.normal_(block.output_proj.weight)
-    plain.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("compare_proj")})
-    visual, instruction = torch.randn(2, 4, 32), torch.randn(1, 32).expand(2, 32)  # one sample, two images
-    before, after = torch.randn(1, 4, 16), torch.randn(1, 4, 16)  # not a shift: the extractor normalises features
-    previous = torch.tensor([0, 0])
-    with torch.no_grad():
-        same, _ = block(visual, instruction, torch.cat([before, before]), False, previous_image_index=previous)
-        changed, _ = block(visual, instruction, torch.cat([before, after]), False, previous_image_index=previous)
-        other_before, _ = block(visual, instruction, torch.cat([-before, after]), False,
-                                previous_image_index=previous)
-        alone, _ = plain(visual, instruction, torch.cat([before, after]), False)
-        unchanged, _ = plain(visual, instruction, torch.cat([before, before]), False)
-    torch.testing.assert_close(same, unchanged)  # nothing changed: the paper's HiA exactly
-    torch.testing.assert_close(changed[0], alone[0])  # the first image is compared with nothing
-    assert (changed[1] - alone[1]).abs().max() > 1e-3  # the follow-up carries the change ...
-    assert (other_before[1] - changed[1]).abs().max() > 1e-3  # ... which depends on the image before it
-    with pytest.raises(ValueError, match="compare_images=True\\): pass previous_image_index"):
-        block(visual, instruction, torch.cat([before, before]), False)
-
-
-def test_compare_images_adapter_saves_and_reloads(processor, images, tmp_path):
-    model = hia_model(compare_images=True)
-    model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["compare_images"] is True
-    assert any("compare_proj" in key for key in load_file(tmp_path / "adapter_model.safetensors"))
-    inputs = processor(images=images[:2], text=COMPARE, return_tensors="pt")
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        loaded = PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
-        torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-6, rtol=0)
-        swapped = processor(images=images[1::-1], text=COMPARE, return_tensors="pt")
-        # the second image's tokens now carry its difference from the first: order matters beyond the causal mask
-        plain = hia_model(compare_images=False)
-        plain.load_state_dict(model.state_dict(), strict=False)
-        assert not torch.allclose(plain(**swapped).logits, loaded(**swapped).logits, atol=1e-4)
 
 
 def test_sincos_adapter_is_saved_and_reloads_with_its_positions(processor, images, tmp_path):

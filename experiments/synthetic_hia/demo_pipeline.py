@@ -981,8 +981,7 @@ def train_base(args):
     processor.save_pretrained(out)
 
 
-def hia_model(run, variant, feature_positions="none", seed=0, layers=None, modules_to_save=None,
-              compare_images=False):
+def hia_model(run, variant, feature_positions="none", seed=0, layers=None, modules_to_save=None):
     from peft import get_peft_model
 
     import qilin_med_vl  # noqa: F401
@@ -993,8 +992,7 @@ def hia_model(run, variant, feature_positions="none", seed=0, layers=None, modul
     model = QilinMedVLForConditionalGeneration.from_pretrained(Path(run) / "base")
     model.requires_grad_(False)
     torch.manual_seed(seed)
-    kwargs = {**HIA_KWARGS, **VARIANTS[variant], "feature_positions": feature_positions,
-              "compare_images": compare_images}
+    kwargs = {**HIA_KWARGS, **VARIANTS[variant], "feature_positions": feature_positions}
     if layers:
         kwargs["layers"] = layers
     if modules_to_save:
@@ -1019,7 +1017,7 @@ def train_hia(args):
         features = torch.load(run / "features_train.pt")[str(VARIANTS[variant]["high_res_size"])]
         grid = int(features.shape[1] ** 0.5)
         model, owner = hia_model(run, variant, args.feature_positions, args.seed, args.hia_layers,
-                                 args.modules_to_save, args.compare_images)
+                                 args.modules_to_save)
         processor = load_processor(run, VARIANTS[variant]["high_res_size"])
         cached = sum(1 for images in train.images_of if images[-1] < len(features))
         train.records = train.records[:cached]  # those with cached features (the first ones)
@@ -1320,9 +1318,6 @@ def main(argv=None):
                         help="hia: HiAConfig.modules_to_save, base-model modules that train with the adapter and are "
                              "saved in it (for example language_model.layers.3 language_model.norm lm_head: what "
                              "reads HiA's last injection)")
-    parser.add_argument("--compare-images", action="store_true",
-                        help="hia: HiAConfig.compare_images (each image also gets what changed since the previous "
-                             "image of its prompt)")
     parser.add_argument("--modules-lr-scale", type=float, default=0.1,
                         help="hia: learning rate of the --modules-to-save copies, as a fraction of --lr")
     parser.add_argument("--flake-pair-weight", type=float, default=1.0,

@@ -72,16 +72,6 @@ class HiAConfig(PeftConfig):
             "added to the normalised features before the extractor's key projection; no parameters)."
         },
     )
-    compare_images: bool = field(
-        default=False,
-        metadata={
-            "help": "Also give each image what changed since the previous image of the same prompt (a follow-up "
-            "against the study before it): the extractor's output for that image minus its output for the previous "
-            "image, read by the same instruction-aware queries, through a linear map into what the injection "
-            "attends to. The first image of a prompt gets no difference. Without it (the paper's HiA) each image is "
-            "read on its own, and the language model must compare two images' injected details itself."
-        },
-    )
     base_hidden_size: int | None = field(
         default=None,
         metadata={"help": "Hidden size of the language model the adapter was built for (set on creation)."},

@@ -130,9 +130,6 @@ class HiABlock(nn.Module):
         self.token_norm = nn.LayerNorm(base_hidden_size)
         self.token_proj = nn.Linear(base_hidden_size, width)
         self.extracted_norm = nn.LayerNorm(width)
-        # What changed since the previous image of the prompt, added to what the injection attends to. Not
-        # normalised: an unchanged pair's small difference must stay small.
-        self.compare_proj = nn.Linear(width, width, bias=False) if config.compare_images else None
         self.inject_attn = nn.MultiheadAttention(width, config.num_heads, batch_first=True)
         self.output_proj = nn.Linear(width, base_hidden_size)
         # Zero output projection: a new adapter leaves the frozen model's outputs exactly unchanged.
@@ -157,14 +154,12 @@ class HiABlock(nn.Module):
         features: torch.Tensor,
         need_weights: bool,
         grid_size: tuple[int, int] | None = None,
-        previous_image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         visual_tokens `(N, K, H)`: layer output at each image's positions; instruction_states `(N, H)`: h_last of the
         sample each image belongs to; features `(N, P, D)`, row-major on a `grid_size` `(grid_h, grid_w)` grid
-        (needed with `feature_positions="sincos"`); previous_image_index long `(N,)`: the previous image of the same
-        sample, or the image itself for a sample's first (needed with `compare_images`). Returns the update for the
-        visual tokens `(N, K, H)` and, when asked, the extractor's attention `(N, M, P)` averaged over heads.
+        (needed with `feature_positions="sincos"`). Returns the update for the visual tokens `(N, K, H)` and, when
+        asked, the extractor's attention `(N, M, P)` averaged over heads.
         """
         dtype = self.queries.dtype
         visual_tokens, instruction_states = visual_tokens.to(dtype), instruction_states.to(dtype)
@@ -182,15 +177,9 @@ class HiABlock(nn.Module):
         extracted, attention = self.extract_attn(
             self.query_norm(queries), keys, keys, need_weights=need_weights, average_attn_weights=True
         )
-        memory = self.extracted_norm(extracted)  # (N, M, D)
-        if self.compare_proj is not None:
-            if previous_image_index is None:
-                raise ValueError("This HiA adapter compares images (compare_images=True): pass previous_image_index")
-            # The same queries read both images (one sample, one h_last), so query m's difference is what changed
-            # in what it looks at; zero for a sample's first image.
-            memory = memory + self.compare_proj(extracted - extracted[previous_image_index.to(extracted.device)])
+        extracted = self.extracted_norm(extracted)
         injected, _ = self.inject_attn(
-            self.token_proj(self.token_norm(visual_tokens)), memory, memory, need_weights=False
+            self.token_proj(self.token_norm(visual_tokens)), extracted, extracted, need_weights=False
         )
         return self.output_proj(injected), attention
 
@@ -265,15 +254,8 @@ class HiALayer(nn.Module, BaseTunerLayer):
         visual_tokens = hidden[batch_index, position_index].view(num_images, image_length, -1)
         image_sample = batch_index.view(num_images, image_length)[:, 0]
         instruction_states = hidden[image_sample, inputs.instruction_end_index.to(device)[image_sample]]
-        previous_image_index = None
-        if block.compare_proj is not None:  # images are in order of appearance, so a sample's images are adjacent
-            image_numbers = torch.arange(num_images, device=device)
-            same_sample = image_sample[1:] == image_sample[:-1]
-            follows_own_sample = torch.cat([same_sample.new_zeros(1), same_sample])
-            previous_image_index = torch.where(follows_own_sample, image_numbers - 1, image_numbers)
         update, attention = block(
-            visual_tokens, instruction_states, features, inputs.attentions is not None, inputs.grid_size,
-            previous_image_index,
+            visual_tokens, instruction_states, features, inputs.attentions is not None, inputs.grid_size
         )
         if attention is not None:
             inputs.attentions.append(attention)
