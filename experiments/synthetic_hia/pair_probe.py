@@ -1,0 +1,121 @@
+"""Diagnostic: is a small flake's change readable from what HiA extracts, whatever the language model answers?
+
+    python experiments/synthetic_hia/pair_probe.py --run runs/demo --second-validation runs/val2/data
+    python experiments/synthetic_hia/pair_probe.py --run runs/demo --write-train-pairs runs/demo/train_pairs.jsonl
+    python -m qilin_med_vl.cli evaluate --model runs/demo/base --adapter runs/demo/HiA \
+        --data runs/demo/train_pairs.jsonl --image-root runs/demo/data --output-dir runs/demo/eval_train_pairs
+    python experiments/synthetic_hia/pair_focus.py --tally runs/demo/train_pairs.jsonl \
+        runs/demo/eval_train_pairs/predictions.jsonl
+
+Runs the adapter (`--adapter`, default `<run>/HiA`) on the small-flake pairs (improved / worsened / unchanged; the
+post-operative ones left out) of the training split and of a second validation set (`data_cache.py --seed 2`, see
+`results/run_g/run_g_choices_validation.md`), with the real encoder on the 672 px views, and keeps each HiA block's
+extracted values (the extractor's output before the injection, averaged over the queries). Per block, a multinomial
+logistic regression on a pair's (before, after, after - before) is fitted on the training pairs and scored on the
+second set's, as `demo_pipeline.py controls-pairs` does with the vision probes' flake maps. A high score here next to
+a low one for the answers says the change reaches the extracted values and the language model does not read it.
+`--write-train-pairs` writes the training split's small-flake pairs for `qilin-med-vl evaluate`, so the answers on
+the very pairs the adapter trained on can be tallied too.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import demo_pipeline as dp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def extracted_values(model, processor, split, pairs, batch_size=8):
+    """Per pair and HiA block, (before, after, after - before) of the queries' mean extracted value:
+    `(pairs, blocks, 3 * D)`."""
+    from qilin_med_vl.modeling.modeling_hia import HiABlock
+
+    blocks = [module for module in model.modules() if isinstance(module, HiABlock)]
+    captured = {}
+    hooks = [block.extract_attn.register_forward_hook(
+        lambda module, inputs, output, index=index: captured.__setitem__(index, output[0]))
+        for index, block in enumerate(blocks)]
+    batcher, rows = dp.Batcher(processor, split), []
+    for start in range(0, len(pairs), batch_size):
+        chosen = pairs[start : start + batch_size]
+        batch, images = batcher(chosen, generation=True)
+        batch["high_res_pixel_values"] = dp.normalise(split.high[images])
+        model(**batch)
+        per_block = []
+        for index in range(len(blocks)):
+            values = captured[index].mean(1).view(len(chosen), 2, -1)  # (pairs, before / after, D)
+            per_block.append(torch.cat([values[:, 0], values[:, 1], values[:, 1] - values[:, 0]], -1))
+        rows.append(torch.stack(per_block, 1))
+    for hook in hooks:
+        hook.remove()
+    return torch.cat(rows)
+
+
+def fit_and_score(x_train, y_train, x_test, steps=400, lr=0.02, l2=1e-2):
+    """Logistic regression on standardised inputs; the test predictions."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    torch.manual_seed(0)
+    classifier = nn.Linear(x_train.shape[1], len(dp.FLAKE_CHANGES))
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(classifier((x_train - mean) / std), y_train) + l2 * classifier.weight.pow(2).sum()
+            loss.backward()
+            optimizer.step()
+    return classifier((x_test - mean) / std).argmax(-1)
+
+
+@torch.no_grad()
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/demo")
+    parser.add_argument("--adapter", default=None, help="default: <run>/HiA")
+    parser.add_argument("--second-validation", default="runs/val2/data",
+                        help="data folder of the second validation set (its validation split is scored)")
+    parser.add_argument("--write-train-pairs", default=None, metavar="FILE",
+                        help="only write the training split's small-flake pairs as JSON lines, then stop")
+    args = parser.parse_args()
+    run = Path(args.run)
+    if args.write_train_pairs:
+        records = [json.loads(line) for line in (run / "data" / "train.jsonl").read_text("utf-8").splitlines()]
+        chosen = dp.flake_pairs(records, small_only=True)
+        Path(args.write_train_pairs).write_text(
+            "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in chosen), encoding="utf-8")
+        print(f"{len(chosen)} pairs -> {args.write_train_pairs}")
+        return
+    from peft import PeftModel
+
+    import qilin_med_vl  # noqa: F401
+    from qilin_med_vl.modeling.modeling_qilin_med_vl import QilinMedVLForConditionalGeneration
+
+    base = QilinMedVLForConditionalGeneration.from_pretrained(run / "base")
+    model = PeftModel.from_pretrained(base, args.adapter or run / "HiA").eval()
+    processor = dp.load_processor(run)
+    data = {}
+    for name, folder, split_name in (("train", run / "data", "train"),
+                                     ("second validation", Path(args.second_validation), "validation")):
+        split = dp.Split(folder, split_name)
+        pairs = dp.flake_pairs(split.records, small_only=True)
+        labels = torch.tensor([dp.FLAKE_CHANGES.index(split.records[r]["meta"]["change"]) for r in pairs])
+        data[name] = (extracted_values(model, processor, split, pairs), labels)
+    (x_train, y_train), (x_test, y_test) = data["train"], data["second validation"]
+    width = x_train.shape[-1] // 3
+    print(f"small-flake pairs: {len(y_train)} training, {len(y_test)} second validation; "
+          f"changes {dp.FLAKE_CHANGES}")
+    for block in range(x_train.shape[1]):
+        for name, columns in (("after - before", slice(2 * width, 3 * width)),
+                              ("before, after, after - before", slice(0, 3 * width))):
+            predicted = fit_and_score(x_train[:, block, columns], y_train, x_test[:, block, columns])
+            right = predicted == y_test
+            by_change = " / ".join(f"{int(right[y_test == c].sum())} of {int((y_test == c).sum())}"
+                                   for c in range(len(dp.FLAKE_CHANGES)))
+            print(f"HiA block {block}, {name}: {int(right.sum())} of {len(y_test)} right "
+                  f"({by_change})")
+
+
+if __name__ == "__main__":
+    main()
