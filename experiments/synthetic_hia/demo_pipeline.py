@@ -739,6 +739,29 @@ def flake_pairs(records, small_only=False):
             and (not small_only or record["meta"]["findings"][0][0]["size_class"] == "small")]
 
 
+def fit_change_classifier(x, y, steps=500, lr=0.05, l2=1e-3):
+    """Multinomial logistic regression of a flake pair's change (`FLAKE_CHANGES` index `y`) on standardised features
+    `x` `(pairs, F)`; returns the function that predicts the change of new pairs' features."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    classifier = nn.Linear(x.shape[1], len(FLAKE_CHANGES))
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(classifier((x - mean) / std), y) + l2 * classifier.weight.pow(2).sum()
+            loss.backward()
+            optimizer.step()
+    return lambda features: classifier((features - mean) / std).argmax(-1)
+
+
+def write_small_flake_pairs(records, path):
+    """The small-flake pairs of `records` (`flake_pairs(..., small_only=True)`) as JSON lines, for
+    `qilin-med-vl evaluate`; returns how many."""
+    chosen = [records[i] for i in flake_pairs(records, small_only=True)]
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    return len(chosen)
+
+
 def controls_pairs(args):
     """Vision-only control for the comparative row: can the frozen probes tell how a flake changed between a pair's
     two images? Per image, the probe's flake channel gives its strongest cell (max logit) and its extent (cells above
@@ -775,19 +798,10 @@ def controls_pairs(args):
         for split_name, split in splits.items():
             images, labels, small = pairs_of[split_name]
             data[split_name] = (pair_features(probe, getattr(split, resolution), images, batch_size), labels, small)
-        x, y, _ = data["train"]
-        mean, std = x.mean(0), x.std(0) + 1e-6
-        classifier = nn.Linear(x.shape[1], len(FLAKE_CHANGES))
-        optimizer = torch.optim.Adam(classifier.parameters(), lr=0.05)
-        with torch.enable_grad():
-            for _ in range(500):
-                optimizer.zero_grad()
-                loss = F.cross_entropy(classifier((x - mean) / std), y) + 1e-3 * classifier.weight.pow(2).sum()
-                loss.backward()
-                optimizer.step()
+        predict = fit_change_classifier(*data["train"][:2])
         row = {}
         for split_name, (x, y, small) in data.items():
-            right = classifier((x - mean) / std).argmax(-1) == y
+            right = predict(x) == y
             row[split_name] = {"small flakes": [int(right[small].sum()), int(small.sum())],
                                "all flakes": [int(right.sum()), len(right)]}
             for index, change in enumerate(FLAKE_CHANGES):  # small flakes by change

@@ -80,9 +80,7 @@ def main():
     del owner.encode
     model.eval()
     model.save_pretrained(run / args.name)
-    small = [train.records[i] for i in dp.flake_pairs(train.records, small_only=True)]
-    (run / f"{args.name}_train_pairs.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in small), encoding="utf-8")
+    dp.write_small_flake_pairs(train.records, run / f"{args.name}_train_pairs.jsonl")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ from pathlib import Path
 
 import demo_pipeline as dp
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 
 def extracted_values(model, processor, split, pairs, batch_size=8):
@@ -54,21 +52,6 @@ def extracted_values(model, processor, split, pairs, batch_size=8):
     return torch.cat(rows)
 
 
-def fit_and_score(x_train, y_train, x_test, steps=400, lr=0.02, l2=1e-2):
-    """Logistic regression on standardised inputs; the test predictions."""
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    torch.manual_seed(0)
-    classifier = nn.Linear(x_train.shape[1], len(dp.FLAKE_CHANGES))
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            optimizer.zero_grad()
-            loss = F.cross_entropy(classifier((x_train - mean) / std), y_train) + l2 * classifier.weight.pow(2).sum()
-            loss.backward()
-            optimizer.step()
-    return classifier((x_test - mean) / std).argmax(-1)
-
-
 @torch.no_grad()
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,10 +65,7 @@ def main():
     run = Path(args.run)
     if args.write_train_pairs:
         records = [json.loads(line) for line in (run / "data" / "train.jsonl").read_text("utf-8").splitlines()]
-        chosen = dp.flake_pairs(records, small_only=True)
-        Path(args.write_train_pairs).write_text(
-            "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in chosen), encoding="utf-8")
-        print(f"{len(chosen)} pairs -> {args.write_train_pairs}")
+        print(f"{dp.write_small_flake_pairs(records, args.write_train_pairs)} pairs -> {args.write_train_pairs}")
         return
     from peft import PeftModel
 
@@ -109,7 +89,9 @@ def main():
     for block in range(x_train.shape[1]):
         for name, columns in (("after - before", slice(2 * width, 3 * width)),
                               ("before, after, after - before", slice(0, 3 * width))):
-            predicted = fit_and_score(x_train[:, block, columns], y_train, x_test[:, block, columns])
+            torch.manual_seed(0)
+            predicted = dp.fit_change_classifier(x_train[:, block, columns], y_train, steps=400, lr=0.02,
+                                                 l2=1e-2)(x_test[:, block, columns])
             right = predicted == y_test
             by_change = " / ".join(f"{int(right[y_test == c].sum())} of {int((y_test == c).sum())}"
                                    for c in range(len(dp.FLAKE_CHANGES)))

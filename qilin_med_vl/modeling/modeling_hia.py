@@ -421,13 +421,13 @@ class HiAModel(BaseTuner):
         peft_config.target_modules = rf"^(.*\.)?language_model\.layers\.({indices})$"
         return peft_config
 
-    def _pre_injection_hook(self, model: nn.Module, config: HiAConfig, adapter_name: str) -> None:
+    def _prepare_model(self, config: HiAConfig, model: nn.Module) -> None:
+        # PEFT calls this with the prepared config (`layers`, `target_modules` set), before it wraps anything.
         # `modules_to_save` entries match module names by suffix, as PEFT matches them. Check them against the real
-        # model before PEFT wraps anything: PEFT's own errors speak of adapter names, and an entry that matches
-        # nothing would train nothing without a word.
+        # model here: PEFT's own errors speak of adapter names, and an entry that matches nothing would train nothing
+        # without a word.
         if not config.modules_to_save:
             return
-        config = self._prepare_adapter_config(config, self.get_model_config(model))
         modules = dict(model.named_modules())
         wrapped = [name for name in modules if re.fullmatch(config.target_modules, name)]
         for entry in config.modules_to_save:
