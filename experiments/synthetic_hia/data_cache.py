@@ -9,6 +9,12 @@ Writes the usual `synth-data` layout (`<split>.jsonl`, `images/<split>/*.png`, `
 channel: the images are grayscale); `record` and `view` (which record and which of its images); `boxes`
 (N, 3, 4) lesion boxes in 1024-px coordinates (-1 padded) and `kinds` (N, 3) finding-kind codes (0 = none).
 The processor is called once per image, so training never decodes or resizes an image again.
+
+`--train-pairs N` also writes `train_pairs.jsonl` and `cache/train_pairs.npz`: N more comparative flake records
+(improved / worsened / unchanged in turn, sides and bones balanced) drawn as training records `--train`,
+`--train` + 1, ... of the same seed, i.e. the records a longer training split would have held, from the same
+generator at the same difficulty. 2,400 records hold only about 110 such pairs (83 of small flakes); the HiA stage
+can add these (`demo_pipeline.py hia --train-pairs`) without changing what the base trained on.
 """
 
 import argparse
@@ -60,6 +66,47 @@ def _job(job):
     return json.dumps(record, ensure_ascii=False), lows, highs
 
 
+def flake_pair_plans(first_index, count):
+    """`count` comparative flake plans of the training split from record `first_index` on: the changes a flake
+    can show without an implant in turn, sides alternating, bones swapping every second pair of changes."""
+    from qilin_med_vl.synthetic.dataset import RecordPlan
+    from qilin_med_vl.synthetic.findings import CHANGES
+
+    changes = [c for c in CHANGES if c != "postop"]
+    return [RecordPlan("train", first_index + i, "comparative", changes[i % len(changes)], "flake",
+                       (i // len(changes)) % 2, ("femur", "tibia")[(i // (2 * len(changes))) % 2])
+            for i in range(count)]
+
+
+def cache_split(out, name, plans, config, pool):
+    """Render `plans`, write `<name>.jsonl`, their PNGs and `cache/<name>.npz` under `out`."""
+    jobs = [(plan, config, str(out)) for plan in plans]
+    results = pool.imap(_job, jobs, chunksize=4) if pool else map(_job, jobs)
+    lines, low, high, record_index, view_index, boxes, kinds = [], [], [], [], [], [], []
+    for index, (line, lows, highs) in enumerate(results):
+        lines.append(line)
+        record = json.loads(line)
+        for view, (lo, hi) in enumerate(zip(lows, highs)):
+            low.append(lo)
+            high.append(hi)
+            record_index.append(index)
+            view_index.append(view)
+            found = record["meta"]["findings"][view]
+            box = np.full((3, 4), -1, np.int16)
+            kind = np.zeros(3, np.int8)
+            for slot, finding in enumerate(found[:3]):
+                box[slot] = finding["box"]
+                kind[slot] = KINDS.index(finding["kind"])
+            boxes.append(box)
+            kinds.append(kind)
+        if (index + 1) % 200 == 0:
+            print(f"{name}: {index + 1}/{len(plans)}", flush=True)
+    (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    np.savez(out / "cache" / f"{name}.npz", low=np.stack(low), high=np.stack(high),
+             record=np.array(record_index), view=np.array(view_index), boxes=np.stack(boxes),
+             kinds=np.stack(kinds))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/demo/data")
@@ -68,6 +115,8 @@ def main():
     parser.add_argument("--validation", type=int, default=200)
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--train-pairs", type=int, default=0,
+                        help="also write N more comparative flake training records (train_pairs.jsonl)")
     args = parser.parse_args()
 
     from qilin_med_vl.synthetic.dataset import GENERATOR_VERSION, SynthConfig, plan_split
@@ -78,39 +127,15 @@ def main():
     config = SynthConfig(seed=args.seed, counts=counts)
     pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 1 else None
     for split, count in counts.items():
-        if (out / "cache" / f"{split}.npz").is_file():
-            continue
-        plans = plan_split(split, count, args.seed)
-        jobs = [(plan, config, str(out)) for plan in plans]
-        results = pool.imap(_job, jobs, chunksize=4) if pool else map(_job, jobs)
-        lines, low, high, record_index, view_index, boxes, kinds = [], [], [], [], [], [], []
-        for index, (line, lows, highs) in enumerate(results):
-            lines.append(line)
-            record = json.loads(line)
-            for view, (lo, hi) in enumerate(zip(lows, highs)):
-                low.append(lo)
-                high.append(hi)
-                record_index.append(index)
-                view_index.append(view)
-                found = record["meta"]["findings"][view]
-                box = np.full((3, 4), -1, np.int16)
-                kind = np.zeros(3, np.int8)
-                for slot, finding in enumerate(found[:3]):
-                    box[slot] = finding["box"]
-                    kind[slot] = KINDS.index(finding["kind"])
-                boxes.append(box)
-                kinds.append(kind)
-            if (index + 1) % 200 == 0:
-                print(f"{split}: {index + 1}/{count}", flush=True)
-        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        np.savez(out / "cache" / f"{split}.npz", low=np.stack(low), high=np.stack(high),
-                 record=np.array(record_index), view=np.array(view_index), boxes=np.stack(boxes),
-                 kinds=np.stack(kinds))
+        if not (out / "cache" / f"{split}.npz").is_file():
+            cache_split(out, split, plan_split(split, count, args.seed), config, pool)
+    if args.train_pairs and not (out / "cache" / "train_pairs.npz").is_file():
+        cache_split(out, "train_pairs", flake_pair_plans(args.train, args.train_pairs), config, pool)
     if pool:
         pool.close()
         pool.join()
     manifest = {"generator": "qilin_med_vl.synthetic", "generator_version": GENERATOR_VERSION, "seed": args.seed,
-                "counts": counts, "cache_sizes": {"low": LOW_SIZE, "high": HIGH_SIZE}}
+                "counts": counts, "train_pairs": args.train_pairs, "cache_sizes": {"low": LOW_SIZE, "high": HIGH_SIZE}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

@@ -88,6 +88,18 @@ class Split:
         for image, record in enumerate(self.record):
             self.images_of[record].append(image)
 
+    def extend(self, other):
+        """Append another cached split's records and images (image and record indices of `other` shift by this
+        split's counts)."""
+        first_image, first_record = len(self.record), len(self.records)
+        self.records = self.records + other.records
+        self.low = torch.cat([self.low, other.low])
+        self.high = None if self.high is None or other.high is None else torch.cat([self.high, other.high])
+        self.record = np.concatenate([self.record, other.record + first_record])
+        self.view = np.concatenate([self.view, other.view])
+        self.boxes, self.kinds = np.concatenate([self.boxes, other.boxes]), np.concatenate([self.kinds, other.kinds])
+        self.images_of = self.images_of + [[first_image + i for i in images] for images in other.images_of]
+
     def finding_key(self, image):
         """normal / flake (small|large) / fracture / ... / implant+X, for the controls table."""
         found = self.records[self.record[image]]["meta"]["findings"][self.view[image]]
@@ -499,6 +511,8 @@ def train_high_vision(args):
     if out.is_file():
         return
     train = Split(run / "data", "train")
+    if args.train_pairs:  # the extra comparative flake records' images too (data_cache.py --train-pairs)
+        train.extend(Split(run / "data", "train_pairs"))
     encoder = build_encoder()
     if (args.stem_warmup or args.freeze_stem) and encoder.stem_type != "full_resolution":
         sys.exit("--stem-warmup and --freeze-stem need the full-resolution stem (HIA_KWARGS['encoder_stem'])")
@@ -762,6 +776,23 @@ def write_small_flake_pairs(records, path):
     return len(chosen)
 
 
+@torch.no_grad()
+def probe_pair_features(probe, pixels, images, batch_size):
+    """A vision probe's read of each pair's flake: per image, the flake channel's strongest cell (max logit), its
+    extent (log of 1 + cells above 0) and, for a probe with an amount head, the amount read at the strongest cell;
+    returns the pair's (before, after, after - before) of these, `(pairs, 6 or 9)`. `images`: (before, after) image
+    indices into `pixels` per pair."""
+    chosen = pixels[[i for pair in images for i in pair]]
+    with_amounts = getattr(probe, "amount_head", None) is not None
+    output = probe_predictions(probe, chosen, batch_size, return_amounts=with_amounts)
+    flake = (output[0] if with_amounts else output)[:, 0].flatten(1)
+    per_image = [flake.amax(-1), (flake > 0).float().sum(-1).add(1).log()]
+    if with_amounts:  # and the amount read at the strongest flake cell
+        per_image.append(output[1][:, 0].flatten(1).gather(1, flake.argmax(-1, keepdim=True))[:, 0])
+    per_image = torch.stack(per_image, -1).view(len(images), 2, -1)
+    return torch.cat([per_image[:, 0], per_image[:, 1], per_image[:, 1] - per_image[:, 0]], -1)
+
+
 def controls_pairs(args):
     """Vision-only control for the comparative row: can the frozen probes tell how a flake changed between a pair's
     two images? Per image, the probe's flake channel gives its strongest cell (max logit) and its extent (cells above
@@ -778,17 +809,6 @@ def controls_pairs(args):
         images = [split.images_of[r] for r in chosen]  # (before, after) of each pair
         return images, labels, small
 
-    def pair_features(probe, pixels, images, batch_size):
-        chosen = pixels[[i for pair in images for i in pair]]
-        with_amounts = getattr(probe, "amount_head", None) is not None
-        output = probe_predictions(probe, chosen, batch_size, return_amounts=with_amounts)
-        flake = (output[0] if with_amounts else output)[:, 0].flatten(1)
-        per_image = [flake.amax(-1), (flake > 0).float().sum(-1).add(1).log()]
-        if with_amounts:  # and the amount read at the strongest flake cell
-            per_image.append(output[1][:, 0].flatten(1).gather(1, flake.argmax(-1, keepdim=True))[:, 0])
-        per_image = torch.stack(per_image, -1).view(len(images), 2, -1)
-        return torch.cat([per_image[:, 0], per_image[:, 1], per_image[:, 1] - per_image[:, 0]], -1)  # (pairs, 6 or 9)
-
     splits = {name: Split(run / "data", name) for name in ("train", "validation", "test")}
     pairs_of = {split_name: pairs(split) for split_name, split in splits.items()}  # (images, labels, small)
     table = {}
@@ -797,7 +817,8 @@ def controls_pairs(args):
         data = {}
         for split_name, split in splits.items():
             images, labels, small = pairs_of[split_name]
-            data[split_name] = (pair_features(probe, getattr(split, resolution), images, batch_size), labels, small)
+            features = probe_pair_features(probe, getattr(split, resolution), images, batch_size)
+            data[split_name] = (features, labels, small)
         predict = fit_change_classifier(*data["train"][:2])
         row = {}
         for split_name, (x, y, small) in data.items():
@@ -819,15 +840,17 @@ def cache_features(args):
     run = Path(args.run)
     encoder = load_high_probe(run / "vision_high.pt").encoder
     encoder.eval()
-    for split_name in ("train",):
+    for split_name in ("train", "train_pairs"):  # train_pairs: data_cache.py --train-pairs, when it was asked for
         out = run / f"features_{split_name}.pt"
-        if out.is_file():
+        if out.is_file() or not (run / "data" / f"{split_name}.jsonl").is_file():
             continue
         split = Split(run / "data", split_name)
         # The HiA stage sees the records whose images are cached (the first ones: their images come first). Runs
         # A-F cached 1,000 of the 2,400 records; every record (about 6 min more on one core) gives HiA 2.4x as many
         # distinct comparative pairs.
-        count = split.images_of[min(args.feature_records or len(split.records), len(split.records)) - 1][-1] + 1
+        kept = len(split.records) if split_name != "train" else min(args.feature_records or len(split.records),
+                                                                    len(split.records))
+        count = split.images_of[kept - 1][-1] + 1
         high, low = [], []
         start = time.time()
         for i in range(0, count, 8):
@@ -1035,6 +1058,15 @@ def train_hia(args):
         processor = load_processor(run, VARIANTS[variant]["high_res_size"])
         cached = sum(1 for images in train.images_of if images[-1] < len(features))
         train.records = train.records[:cached]  # those with cached features (the first ones)
+        if args.train_pairs:
+            # the extra comparative flake records of data_cache.py --train-pairs, after the training split's
+            if len(features) != len(train.low):
+                raise SystemExit("hia --train-pairs needs the features of every training record (features stage "
+                                 "without --feature-records)")
+            train.extend(Split(run / "data", "train_pairs", load_high=False))
+            features = torch.cat([features, torch.load(run / "features_train_pairs.pt")[
+                str(VARIANTS[variant]["high_res_size"])]])
+            log(f"{variant}: {len(train.records)} training records with the extra flake pairs")
         batcher = Batcher(processor, train)
         current = {}
         owner.encode = lambda pixels: (current["features"], (grid, grid))  # the frozen encoder's cached output
@@ -1337,6 +1369,9 @@ def main(argv=None):
     parser.add_argument("--flake-pair-weight", type=float, default=1.0,
                         help="hia: comparative records of a small flake that improved, worsened or stayed drawn this "
                              "many times more often within the comparative task (on top of --flake-normal-weight)")
+    parser.add_argument("--train-pairs", action="store_true",
+                        help="hia, hr-encoder: also train on the extra comparative flake records of data_cache.py "
+                             "--train-pairs (hia: their features come from the features stage)")
     parser.add_argument("--comparative-weight", type=float, default=1.0,
                         help="hia: how much more often a batch of the comparative task is drawn")
     parser.add_argument("--pair-aux", type=float, default=0.0,

@@ -1,6 +1,7 @@
 """Diagnostic: is a small flake's change readable from what HiA extracts, whatever the language model answers?
 
     python experiments/synthetic_hia/pair_probe.py --run runs/demo --second-validation runs/val2/data
+    python experiments/synthetic_hia/pair_probe.py --run runs/demo --train-pairs --folds 5
     python experiments/synthetic_hia/pair_probe.py --run runs/demo --write-train-pairs runs/demo/train_pairs.jsonl
     python -m qilin_med_vl.cli evaluate --model runs/demo/base --adapter runs/demo/HiA \
         --data runs/demo/train_pairs.jsonl --image-root runs/demo/data --output-dir runs/demo/eval_train_pairs
@@ -14,8 +15,12 @@ extracted values (the extractor's output before the injection, averaged over the
 logistic regression on a pair's (before, after, after - before) is fitted on the training pairs and scored on the
 second set's, as `demo_pipeline.py controls-pairs` does with the vision probes' flake maps. A high score here next to
 a low one for the answers says the change reaches the extracted values and the language model does not read it.
-`--write-train-pairs` writes the training split's small-flake pairs for `qilin-med-vl evaluate`, so the answers on
-the very pairs the adapter trained on can be tallied too.
+`--folds K` also scores the training pairs out of fold (K-fold cross-validation: hundreds of held-out pairs instead
+of 29) from three reads of each pair, to locate where a change is lost: the high-resolution vision probe's flake map
+(what the encoder's own heads read), the encoder's grid features at the flake's box (its location given), and HiA's
+extracted values. `--train-pairs` fits on the extra flake pairs of `data_cache.py --train-pairs` too (546 small-flake
+pairs instead of 83). `--write-train-pairs` writes the training split's small-flake pairs for `qilin-med-vl evaluate`,
+so the answers on the very pairs the adapter trained on can be tallied too.
 """
 
 import argparse
@@ -52,6 +57,50 @@ def extracted_values(model, processor, split, pairs, batch_size=8):
     return torch.cat(rows)
 
 
+def box_features(split, features, pairs):
+    """Per pair, (before, after, after - before) of the encoder's grid features averaged over the cells of the
+    flake's box (the generator's box: where the flake is, known exactly; a vanished flake's cells are those of its
+    box in the image before): `(pairs, 3 * D)`. `features` `(images, P, D)` on a square grid over the 1024-px
+    reference image."""
+    grid = int(features.shape[1] ** 0.5)
+    cell = dp.REFERENCE / grid
+
+    def cells(image):
+        x0, y0, x1, y1 = (int(v // cell) for v in split.boxes[image][0])
+        return [y * grid + x for y in range(y0, y1 + 1) for x in range(x0, x1 + 1)]
+
+    rows = []
+    for record in pairs:
+        before, after = split.images_of[record]
+        at_before = cells(before)
+        at_after = cells(after) if split.boxes[after][0][0] >= 0 else at_before
+        first, second = features[before][at_before].mean(0), features[after][at_after].mean(0)
+        rows.append(torch.cat([first, second, second - first]))
+    return torch.stack(rows)
+
+
+def cross_validated(x, y, folds, seed=0):
+    """Out-of-fold predictions of `fit_change_classifier` on `x` `(pairs, F)`: each pair predicted by the classifier
+    fitted on the other folds (pairs shuffled into `folds` folds)."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    predicted = torch.empty_like(y)
+    for fold in range(folds):
+        held = order[fold::folds]
+        kept = torch.ones(len(y), dtype=torch.bool)
+        kept[held] = False
+        torch.manual_seed(0)
+        predicted[held] = dp.fit_change_classifier(x[kept], y[kept], steps=400, lr=0.02, l2=1e-2)(x[held])
+    return predicted
+
+
+def tally(predicted, y):
+    """"N of M right (improved / worsened / unchanged)"."""
+    right = predicted == y
+    by_change = " / ".join(f"{int(right[y == c].sum())} of {int((y == c).sum())}"
+                           for c in range(len(dp.FLAKE_CHANGES)))
+    return f"{int(right.sum())} of {len(y)} right ({by_change})"
+
+
 @torch.no_grad()
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +108,10 @@ def main():
     parser.add_argument("--adapter", default=None, help="default: <run>/HiA")
     parser.add_argument("--second-validation", default="runs/val2/data",
                         help="data folder of the second validation set (its validation split is scored)")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="also score the training pairs out of fold (K-fold cross-validation)")
+    parser.add_argument("--train-pairs", action="store_true",
+                        help="fit on the extra flake pairs of data_cache.py --train-pairs as well")
     parser.add_argument("--write-train-pairs", default=None, metavar="FILE",
                         help="only write the training split's small-flake pairs as JSON lines, then stop")
     args = parser.parse_args()
@@ -75,15 +128,37 @@ def main():
     base = QilinMedVLForConditionalGeneration.from_pretrained(run / "base")
     model = PeftModel.from_pretrained(base, args.adapter or run / "HiA").eval()
     processor = dp.load_processor(run)
-    data = {}
+    data, train_pairs = {}, None
     for name, folder, split_name in (("train", run / "data", "train"),
                                      ("second validation", Path(args.second_validation), "validation")):
         split = dp.Split(folder, split_name)
+        if name == "train" and args.train_pairs:
+            split.extend(dp.Split(folder, "train_pairs"))
         pairs = dp.flake_pairs(split.records, small_only=True)
         labels = torch.tensor([dp.FLAKE_CHANGES.index(split.records[r]["meta"]["change"]) for r in pairs])
         data[name] = (extracted_values(model, processor, split, pairs), labels)
+        if name == "train":
+            train_pairs = (split, pairs)
     (x_train, y_train), (x_test, y_test) = data["train"], data["second validation"]
     width = x_train.shape[-1] // 3
+    if args.folds:
+        # The same training pairs, each predicted out of fold: many more held-out pairs than the second set's 29,
+        # for the vision probe's read of the flake (what the encoder sees) and for HiA's extracted values.
+        split, pairs = train_pairs
+        high_probe = dp.load_probes(run)[1]
+        vision = dp.probe_pair_features(high_probe, split.high, [split.images_of[r] for r in pairs], 16)
+        print(f"{args.folds}-fold cross-validation on the {len(y_train)} training pairs:")
+        predicted = cross_validated(vision, y_train, args.folds)
+        print(f"  vision probe at 672 px (flake logit, extent, amount): {tally(predicted, y_train)}")
+        cached = [run / "features_train.pt"] + ([run / "features_train_pairs.pt"] if args.train_pairs else [])
+        features = torch.cat([torch.load(path)["672"] for path in cached]).float()
+        predicted = cross_validated(box_features(split, features, pairs), y_train, args.folds)
+        print(f"  encoder features at the flake's box (its location known): {tally(predicted, y_train)}")
+        for block in range(x_train.shape[1]):
+            for name, columns in (("after - before", slice(2 * width, 3 * width)),
+                                  ("before, after, after - before", slice(0, 3 * width))):
+                predicted = cross_validated(x_train[:, block, columns], y_train, args.folds)
+                print(f"  HiA block {block}, {name}: {tally(predicted, y_train)}")
     print(f"small-flake pairs: {len(y_train)} training, {len(y_test)} second validation; "
           f"changes {dp.FLAKE_CHANGES}")
     for block in range(x_train.shape[1]):
@@ -92,11 +167,7 @@ def main():
             torch.manual_seed(0)
             predicted = dp.fit_change_classifier(x_train[:, block, columns], y_train, steps=400, lr=0.02,
                                                  l2=1e-2)(x_test[:, block, columns])
-            right = predicted == y_test
-            by_change = " / ".join(f"{int(right[y_test == c].sum())} of {int((y_test == c).sum())}"
-                                   for c in range(len(dp.FLAKE_CHANGES)))
-            print(f"HiA block {block}, {name}: {int(right.sum())} of {len(y_test)} right "
-                  f"({by_change})")
+            print(f"HiA block {block}, {name}: {tally(predicted, y_test)}")
 
 
 if __name__ == "__main__":
