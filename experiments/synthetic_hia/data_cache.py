@@ -14,7 +14,9 @@ The processor is called once per image, so training never decodes or resizes an 
 (improved / worsened / unchanged in turn, sides and bones balanced) drawn as training records `--train`,
 `--train` + 1, ... of the same seed, i.e. the records a longer training split would have held, from the same
 generator at the same difficulty. 2,400 records hold only about 110 such pairs (83 of small flakes); the HiA stage
-can add these (`demo_pipeline.py hia --train-pairs`) without changing what the base trained on.
+can add these (`demo_pipeline.py hia --train-pairs`) without changing what the base trained on. `--pairs-start`
+draws them from another record index on: `--train 0 --validation 0 --test 0 --train-pairs 600 --pairs-start 3000`
+renders only 600 pairs that no stage trains on (`pair_probe.py --held-out`).
 """
 
 import argparse
@@ -117,6 +119,9 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--train-pairs", type=int, default=0,
                         help="also write N more comparative flake training records (train_pairs.jsonl)")
+    parser.add_argument("--pairs-start", type=int, default=None,
+                        help="the first of them (default --train); with --train 0 --validation 0 --test 0, a set "
+                             "of pairs apart from every training record, such as a held-out set for pair_probe.py")
     args = parser.parse_args()
 
     from qilin_med_vl.synthetic.dataset import GENERATOR_VERSION, SynthConfig, plan_split
@@ -127,15 +132,18 @@ def main():
     config = SynthConfig(seed=args.seed, counts=counts)
     pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 1 else None
     for split, count in counts.items():
-        if not (out / "cache" / f"{split}.npz").is_file():
+        if count and not (out / "cache" / f"{split}.npz").is_file():
             cache_split(out, split, plan_split(split, count, args.seed), config, pool)
+    first = args.train if args.pairs_start is None else args.pairs_start
     if args.train_pairs and not (out / "cache" / "train_pairs.npz").is_file():
-        cache_split(out, "train_pairs", flake_pair_plans(args.train, args.train_pairs), config, pool)
+        cache_split(out, "train_pairs", flake_pair_plans(first, args.train_pairs), config, pool)
     if pool:
         pool.close()
         pool.join()
     manifest = {"generator": "qilin_med_vl.synthetic", "generator_version": GENERATOR_VERSION, "seed": args.seed,
-                "counts": counts, "train_pairs": args.train_pairs, "cache_sizes": {"low": LOW_SIZE, "high": HIGH_SIZE}}
+                "counts": counts, "cache_sizes": {"low": LOW_SIZE, "high": HIGH_SIZE}}
+    if args.train_pairs:
+        manifest["train_pairs"] = {"records": args.train_pairs, "first_index": first}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

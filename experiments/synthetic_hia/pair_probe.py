@@ -2,6 +2,7 @@
 
     python experiments/synthetic_hia/pair_probe.py --run runs/demo --second-validation runs/val2/data
     python experiments/synthetic_hia/pair_probe.py --run runs/demo --train-pairs --folds 5
+    python experiments/synthetic_hia/pair_probe.py --held-out runs/held_out_pairs --encoders A.pt B.pt
     python experiments/synthetic_hia/pair_probe.py --run runs/demo --write-train-pairs runs/demo/train_pairs.jsonl
     python -m qilin_med_vl.cli evaluate --model runs/demo/base --adapter runs/demo/HiA \
         --data runs/demo/train_pairs.jsonl --image-root runs/demo/data --output-dir runs/demo/eval_train_pairs
@@ -14,13 +15,16 @@ post-operative ones left out) of the training split and of a second validation s
 extracted values (the extractor's output before the injection, averaged over the queries). Per block, a multinomial
 logistic regression on a pair's (before, after, after - before) is fitted on the training pairs and scored on the
 second set's, as `demo_pipeline.py controls-pairs` does with the vision probes' flake maps. A high score here next to
-a low one for the answers says the change reaches the extracted values and the language model does not read it.
+a low one for the answers says the change reaches the extracted values and the language model does not read it
+(29 pairs are few: `--folds` gives the tighter figure).
 `--folds K` also scores the training pairs out of fold (K-fold cross-validation: hundreds of held-out pairs instead
 of 29) from three reads of each pair, to locate where a change is lost: the high-resolution vision probe's flake map
 (what the encoder's own heads read), the encoder's grid features at the flake's box (its location given), and HiA's
 extracted values. `--train-pairs` fits on the extra flake pairs of `data_cache.py --train-pairs` too (546 small-flake
-pairs instead of 83). `--write-train-pairs` writes the training split's small-flake pairs for `qilin-med-vl evaluate`,
-so the answers on the very pairs the adapter trained on can be tallied too.
+pairs instead of 83). `--held-out DIR --encoders ...` compares encoders (their flake maps and their features at the
+box) on pairs that none of them trained on (`data_cache.py --pairs-start`). `--write-train-pairs` writes the training
+split's small-flake pairs for `qilin-med-vl evaluate`, so the answers on the very pairs the adapter trained on can be
+tallied too.
 """
 
 import argparse
@@ -101,6 +105,25 @@ def tally(predicted, y):
     return f"{int(right.sum())} of {len(y)} right ({by_change})"
 
 
+def encoder_reads(encoder_files, data_dir, folds):
+    """For each saved high-resolution probe (encoder + heads), the out-of-fold change of the small-flake pairs of
+    `<data_dir>/train_pairs` (pairs none of them trained on) from its flake map and from its encoder's features at
+    the flake's box."""
+    split = dp.Split(data_dir, "train_pairs")
+    pairs = dp.flake_pairs(split.records, small_only=True)
+    labels = torch.tensor([dp.FLAKE_CHANGES.index(split.records[r]["meta"]["change"]) for r in pairs])
+    images = [split.images_of[r] for r in pairs]
+    print(f"held-out small-flake pairs: {len(pairs)}, {folds}-fold cross-validation")
+    for path in encoder_files:
+        probe = dp.load_high_probe(path).eval()
+        predicted = cross_validated(dp.probe_pair_features(probe, split.high, images, 16), labels, folds)
+        print(f"  {path}: vision probe at 672 px (flake logit, extent, amount): {tally(predicted, labels)}")
+        features = torch.cat([probe.encoder(dp.normalise(split.high[i : i + 8]))
+                              for i in range(0, len(split.high), 8)])
+        predicted = cross_validated(box_features(split, features.float(), pairs), labels, folds)
+        print(f"  {path}: encoder features at the flake's box: {tally(predicted, labels)}")
+
+
 @torch.no_grad()
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,8 +137,16 @@ def main():
                         help="fit on the extra flake pairs of data_cache.py --train-pairs as well")
     parser.add_argument("--write-train-pairs", default=None, metavar="FILE",
                         help="only write the training split's small-flake pairs as JSON lines, then stop")
+    parser.add_argument("--held-out", default=None, metavar="DATA_DIR",
+                        help="only compare --encoders on the pairs of DATA_DIR/train_pairs (data_cache.py "
+                             "--pairs-start: pairs no encoder trained on), then stop")
+    parser.add_argument("--encoders", nargs="+", default=None, help="with --held-out: saved high-resolution probes "
+                        "(default <run>/vision_high.pt)")
     args = parser.parse_args()
     run = Path(args.run)
+    if args.held_out:
+        encoder_reads(args.encoders or [run / "vision_high.pt"], args.held_out, args.folds or 5)
+        return
     if args.write_train_pairs:
         records = [json.loads(line) for line in (run / "data" / "train.jsonl").read_text("utf-8").splitlines()]
         print(f"{dp.write_small_flake_pairs(records, args.write_train_pairs)} pairs -> {args.write_train_pairs}")
