@@ -59,7 +59,7 @@ def runs(workspace):
             processes, config = RUNS[name]
             output = workspace / name
             command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                       "--master_port", str(29531 + list(RUNS).index(name)), "-m", "qilin_med_vl.cli", "train",
+                       "--standalone", "-m", "qilin_med_vl.cli", "train",
                        "--stage", "hia", "--model", str(workspace / "base"), "--data", str(workspace / "train.jsonl"),
                        "--image-root", str(workspace), "--output-dir", str(output), "--use-cpu", "--bf16", "false",
                        "--per-device-train-batch-size", "1", "--gradient-accumulation-steps", str(3 - processes),

@@ -47,7 +47,7 @@ def test_tensor_parallel_logits_equal_one_process(tmp_path):
         expected_base = model.eval()(**{k: v for k, v in inputs.items() if k != "high_res_pixel_values"}).logits
         expected_hia = PeftModel.from_pretrained(tiny_model(), tmp_path / "hia").eval()(**inputs).logits
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "out.pt")]
     (tmp_path / "run.py").write_text(TENSOR_PARALLEL_RUN)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,

@@ -245,7 +245,7 @@ def test_resume_reaches_the_same_weights(workspace, tmp_path):
 
 def test_two_process_torchrun_trains_hia(workspace, tmp_path):
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "qilin_med_vl.cli", "train", "--stage", "hia", "--model", str(workspace / "base"),
                "--data", str(workspace / "train.jsonl"), "--image-root", str(workspace), "--output-dir", str(output),
                "--per-device-train-batch-size", "1", "--max-steps", "2", "--use-cpu", "--report-to", "none",
@@ -336,7 +336,7 @@ def test_fsdp_on_cpu_processes_is_refused_instead_of_silently_running_ddp(worksp
     """accelerate turns FSDP on only for multi-accelerator runs; under torchrun on CPU the same flags would train
     every process on the whole model (DDP). The train command says so instead of pretending to shard."""
     fsdp_config = os.path.join(os.path.dirname(__file__), "..", "configs", "fsdp.yaml")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "qilin_med_vl.cli", "train", "--stage", "hia", "--model", str(workspace / "base"),
                "--data", str(workspace / "train.jsonl"), "--image-root", str(workspace), "--output-dir",
                str(tmp_path / "out"), "--per-device-train-batch-size", "1", "--max-steps", "1", "--use-cpu",
