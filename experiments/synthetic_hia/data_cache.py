@@ -17,6 +17,11 @@ generator at the same difficulty. 2,400 records hold only about 110 such pairs (
 can add these (`demo_pipeline.py hia --train-pairs`) without changing what the base trained on. `--pairs-start`
 draws them from another record index on: `--train 0 --validation 0 --test 0 --train-pairs 600 --pairs-start 3000`
 renders only 600 pairs that no stage trains on (`pair_probe.py --held-out`).
+
+`--only-task` and `--only-kind` keep, of each split's plan, only the records of these tasks and finding kinds (a
+comparative record's kind is the finding that changes), each rendered exactly as the full split would render it:
+a second test set large enough for one row, e.g. `--train 0 --validation 0 --test 8000 --only-task comparative
+--only-kind flake --seed 3` renders the 500 flake pairs of a test split of 8,000 records.
 """
 
 import argparse
@@ -122,6 +127,9 @@ def main():
     parser.add_argument("--pairs-start", type=int, default=None,
                         help="the first of them (default --train); with --train 0 --validation 0 --test 0, a set "
                              "of pairs apart from every training record, such as a held-out set for pair_probe.py")
+    parser.add_argument("--only-task", nargs="+", default=None, help="render only the records of these tasks")
+    parser.add_argument("--only-kind", nargs="+", default=None,
+                        help="render only the records of these finding kinds (disease labels, e.g. flake normal)")
     args = parser.parse_args()
 
     from qilin_med_vl.synthetic.dataset import GENERATOR_VERSION, SynthConfig, plan_split
@@ -133,7 +141,10 @@ def main():
     pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 1 else None
     for split, count in counts.items():
         if count and not (out / "cache" / f"{split}.npz").is_file():
-            cache_split(out, split, plan_split(split, count, args.seed), config, pool)
+            plans = [p for p in plan_split(split, count, args.seed)
+                     if (args.only_task is None or p.task in args.only_task)
+                     and (args.only_kind is None or p.kind in args.only_kind)]
+            cache_split(out, split, plans, config, pool)
     first = args.train if args.pairs_start is None else args.pairs_start
     if args.train_pairs and not (out / "cache" / "train_pairs.npz").is_file():
         cache_split(out, "train_pairs", flake_pair_plans(first, args.train_pairs), config, pool)
@@ -142,6 +153,8 @@ def main():
         pool.join()
     manifest = {"generator": "qilin_med_vl.synthetic", "generator_version": GENERATOR_VERSION, "seed": args.seed,
                 "counts": counts, "cache_sizes": {"low": LOW_SIZE, "high": HIGH_SIZE}}
+    if args.only_task or args.only_kind:
+        manifest["only"] = {"tasks": args.only_task, "kinds": args.only_kind}
     if args.train_pairs:
         manifest["train_pairs"] = {"records": args.train_pairs, "first_index": first}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -875,10 +875,14 @@ class Batcher:
         self.processor, self.split = processor, split
         self.placeholder = Image.new("RGB", (112, 112))
 
-    def __call__(self, record_indices, generation=False):
+    def __call__(self, record_indices, generation=False, answers=None):
+        """`answers`, when given, replace the records' own answers (one string per record)."""
         from qilin_med_vl.training.data import record_to_messages
 
         records = [self.split.records[i] for i in record_indices]
+        if answers is not None:
+            records = [{**r, "conversations": r["conversations"][:-1] + [{"from": "gpt", "value": a}]}
+                       for r, a in zip(records, answers)]
         conversations = [record_to_messages(r) for r in records]
         if generation:
             conversations = [c[:-1] for c in conversations]

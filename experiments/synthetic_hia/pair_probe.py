@@ -20,11 +20,13 @@ a low one for the answers says the change reaches the extracted values and the l
 `--folds K` also scores the training pairs out of fold (K-fold cross-validation: hundreds of held-out pairs instead
 of 29) from three reads of each pair, to locate where a change is lost: the high-resolution vision probe's flake map
 (what the encoder's own heads read), the encoder's grid features at the flake's box (its location given), and HiA's
-extracted values. `--train-pairs` fits on the extra flake pairs of `data_cache.py --train-pairs` too (546 small-flake
-pairs instead of 83). `--held-out DIR --encoders ...` compares encoders (their flake maps and their features at the
-box) on pairs that none of them trained on (`data_cache.py --pairs-start`). `--write-train-pairs` writes the training
-split's small-flake pairs for `qilin-med-vl evaluate`, so the answers on the very pairs the adapter trained on can be
-tallied too.
+extracted values; then, along the same chain, the extractor's attention (its un-normalised mass and its entropy,
+which a softmax-weighted average leaves out), the decoder's last hidden states at the characters where the answer
+decides the change, and the model's own decision there (teacher-forced, no probe). `--train-pairs` fits on the
+extra flake pairs of `data_cache.py --train-pairs` too (546 small-flake pairs instead of 83). `--held-out DIR
+--encoders ...` compares encoders (their flake maps and their features at the box) on pairs that none of them trained
+on (`data_cache.py --pairs-start`). `--write-train-pairs` writes the training split's small-flake pairs for
+`qilin-med-vl evaluate`, so the answers on the very pairs the adapter trained on can be tallied too.
 """
 
 import argparse
@@ -35,30 +37,92 @@ import demo_pipeline as dp
 import torch
 
 
+def attention_mass(module, query, key):
+    """What the extractor's softmax leaves out: per image, head and query, the log of its un-normalised attention
+    mass (logsumexp of the scores over the P grid cells, which grows with the number of cells that match) and the
+    entropy of its attention (how many cells it spreads over): `(N, 2 * heads * M)`. A flake that grows covers more
+    cells; a softmax-weighted average of their features need not change."""
+    width, heads = module.embed_dim, module.num_heads
+    weight, bias = module.in_proj_weight, module.in_proj_bias
+    q = (query @ weight[:width].T + bias[:width]).unflatten(-1, (heads, -1)).transpose(1, 2)  # (N, heads, M, d)
+    k = (key @ weight[width : 2 * width].T + bias[width : 2 * width]).unflatten(-1, (heads, -1)).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (N, heads, M, P)
+    entropy = -(scores.softmax(-1) * scores.log_softmax(-1)).sum(-1)
+    return torch.cat([scores.logsumexp(-1).flatten(1), entropy.flatten(1)], -1)
+
+
 def extracted_values(model, processor, split, pairs, batch_size=8):
-    """Per pair and HiA block, (before, after, after - before) of the queries' mean extracted value:
-    `(pairs, blocks, 3 * D)`."""
+    """Per pair and HiA block, (before, after, after - before) of the queries' mean extracted value
+    `(pairs, blocks, 3 * D)`, and of the extractor's `attention_mass` `(pairs, blocks, 3 * 2 * heads * M)`."""
     from qilin_med_vl.modeling.modeling_hia import HiABlock
 
     blocks = [module for module in model.modules() if isinstance(module, HiABlock)]
-    captured = {}
+    captured, masses = {}, {}
     hooks = [block.extract_attn.register_forward_hook(
         lambda module, inputs, output, index=index: captured.__setitem__(index, output[0]))
         for index, block in enumerate(blocks)]
-    batcher, rows = dp.Batcher(processor, split), []
+    hooks += [block.extract_attn.register_forward_pre_hook(
+        lambda module, inputs, index=index: masses.__setitem__(index, attention_mass(module, *inputs[:2])))
+        for index, block in enumerate(blocks)]
+
+    def pair_rows(per_image, count):  # (2 * count, F) -> (count, 3 * F): before, after, after - before
+        both = per_image.view(count, 2, -1)
+        return torch.cat([both[:, 0], both[:, 1], both[:, 1] - both[:, 0]], -1)
+
+    batcher, rows, mass_rows = dp.Batcher(processor, split), [], []
     for start in range(0, len(pairs), batch_size):
         chosen = pairs[start : start + batch_size]
         batch, images = batcher(chosen, generation=True)
         batch["high_res_pixel_values"] = dp.normalise(split.high[images])
         model(**batch)
-        per_block = []
-        for index in range(len(blocks)):
-            values = captured[index].mean(1).view(len(chosen), 2, -1)  # (pairs, before / after, D)
-            per_block.append(torch.cat([values[:, 0], values[:, 1], values[:, 1] - values[:, 0]], -1))
-        rows.append(torch.stack(per_block, 1))
+        rows.append(torch.stack([pair_rows(captured[i].mean(1), len(chosen)) for i in range(len(blocks))], 1))
+        mass_rows.append(torch.stack([pair_rows(masses[i], len(chosen)) for i in range(len(blocks))], 1))
     for hook in hooks:
         hook.remove()
-    return torch.cat(rows)
+    return torch.cat(rows), torch.cat(mass_rows).float()
+
+
+# What a flake answer says after 第二张 when the flake changed; then 缩 (improved) or 增 (worsened).
+CHANGED = "低密度影范围"
+
+
+def decision_reads(model, processor, split, pairs, batch_size=8):
+    """Where the answer decides: each pair teacher-forced to the two characters that decide a flake pair's change,
+    on the same text whatever the change (so no answer leaks in). The first is the character after 第二张 (or after
+    第二张相比第一张，): the flake's location (unchanged) or 低 (changed); the second the one after 低密度影范围: 缩
+    (improved) or 增 (worsened). Returns the decoder's last hidden states at both `(pairs, 2 * H)` and the model's own
+    decision there, as a change index `(pairs,)` (unchanged when location beats 低, else 缩 against 增)."""
+    vocabulary = processor.tokenizer.convert_tokens_to_ids
+    side, low, shrink, grow = vocabulary(["右", "左"]), vocabulary("低"), vocabulary("缩"), vocabulary("增")
+    batcher, states, decisions = dp.Batcher(processor, split), [], []
+    for start in range(0, len(pairs), batch_size):
+        chosen = pairs[start : start + batch_size]
+        answers, cuts = [], []
+        for r in chosen:
+            answer = split.records[r]["conversations"][-1]["value"]
+            cut = answer.index("第二张") + len("第二张")
+            cut += len("相比第一张，") if answer.startswith("相比第一张，", cut) else 0
+            answers.append(answer[:cut] + CHANGED + "增大、密度减低，提示病变较前加重。")
+            cuts.append(cut)
+        batch, images = batcher(chosen, answers=answers)
+        labels = batch["labels"]  # HiA's instruction then ends before the answer, as in training
+        batch["high_res_pixel_values"] = dp.normalise(split.high[images])
+        output = model(**batch, output_hidden_states=True)
+        hidden = output.hidden_states[-1]
+        for row, cut in enumerate(cuts):
+            answer_tokens = (labels[row] != -100).nonzero().flatten()
+            text = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][row, answer_tokens].tolist())
+            first = text.index("第")  # the answer's first character (a tokenizer may put a word-start mark before it)
+            at = answer_tokens[first + cut - 1], answer_tokens[first + cut + len(CHANGED) - 1]
+            assert text[first + cut] == "低" and text[first + cut + len(CHANGED)] == "增", text
+            states.append(torch.cat([hidden[row, at[0]], hidden[row, at[1]]]))
+            logits = output.logits[row]
+            if logits[at[0], side].max() > logits[at[0], low]:
+                decisions.append(dp.FLAKE_CHANGES.index("unchanged"))
+            else:
+                decisions.append(dp.FLAKE_CHANGES.index("improved" if logits[at[1], shrink] > logits[at[1], grow]
+                                                        else "worsened"))
+    return torch.stack(states).float(), torch.tensor(decisions)
 
 
 def box_features(split, features, pairs):
@@ -167,9 +231,10 @@ def main():
             split.extend(dp.Split(folder, "train_pairs"))
         pairs = dp.flake_pairs(split.records, small_only=True)
         labels = torch.tensor([dp.FLAKE_CHANGES.index(split.records[r]["meta"]["change"]) for r in pairs])
-        data[name] = (extracted_values(model, processor, split, pairs), labels)
+        values, mass = extracted_values(model, processor, split, pairs)
+        data[name] = (values, labels)
         if name == "train":
-            train_pairs = (split, pairs)
+            train_pairs, train_mass = (split, pairs), mass
     (x_train, y_train), (x_test, y_test) = data["train"], data["second validation"]
     width = x_train.shape[-1] // 3
     if args.folds:
@@ -190,6 +255,14 @@ def main():
                                   ("before, after, after - before", slice(0, 3 * width))):
                 predicted = cross_validated(x_train[:, block, columns], y_train, args.folds)
                 print(f"  HiA block {block}, {name}: {tally(predicted, y_train)}")
+        for block in range(x_train.shape[1]):
+            predicted = cross_validated(train_mass[:, block], y_train, args.folds)
+            print(f"  HiA block {block}, its attention's mass and entropy (before, after, after - before): "
+                  f"{tally(predicted, y_train)}")
+        states, decisions = decision_reads(model, processor, split, pairs)
+        predicted = cross_validated(states, y_train, args.folds)
+        print(f"  the decoder's last hidden states at the two deciding characters: {tally(predicted, y_train)}")
+        print(f"  the model's own decision there (no probe): {tally(decisions, y_train)}")
     print(f"small-flake pairs: {len(y_train)} training, {len(y_test)} second validation; "
           f"changes {dp.FLAKE_CHANGES}")
     for block in range(x_train.shape[1]):
