@@ -102,6 +102,8 @@ def main(run_dir: str, split: str = "test") -> None:
     # variant -> change -> [right, total] of the small-flake pairs: tells growth read from a guess that is right for
     # one change (a blind model that always says 好转 gets every improved pair)
     pairs_by_change = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    # variant -> change -> [answers saying 加重, total]: a growth read says it for grown flakes, not unchanged ones
+    worsened_said = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     row_ids = defaultdict(list)  # summary row -> its record ids
     for record in records.values():
         for name, task, findings in SUMMARY_ROWS:
@@ -127,6 +129,8 @@ def main(run_dir: str, split: str = "test") -> None:
             if key == ("comparative", "flake (small)"):
                 pairs_by_change[variant][record["meta"]["change"]][0] += answered_right[variant][row["id"]]
                 pairs_by_change[variant][record["meta"]["change"]][1] += 1
+                worsened_said[variant][record["meta"]["change"]][0] += CHANGE_NAMES["worsened"] in row["prediction"]
+                worsened_said[variant][record["meta"]["change"]][1] += 1
             if key[0] in ("disease", "description"):
                 sign = DISEASE_NAMES["flake"] if key[0] == "disease" else FLAKE_FINDING
                 named[key].append(sign in row["prediction"])
@@ -153,6 +157,10 @@ def main(run_dir: str, split: str = "test") -> None:
     rows.append("| comparative, small-flake pairs right: " + " / ".join(CHANGE_NAMES.values()) + " | " + " | ".join(
         " / ".join(f"{pairs_by_change[v][c][0]} of {pairs_by_change[v][c][1]}" for c in CHANGE_NAMES)
         for v in variants) + " |")
+    rows.append(f"| comparative, small-flake pairs: {CHANGE_NAMES['worsened']} said for grown / unchanged flakes, % | "
+                + " | ".join(" / ".join(f"{100 * worsened_said[v][c][0] / worsened_said[v][c][1]:.0f}"
+                                        if worsened_said[v][c][1] else "-" for c in ("worsened", "unchanged"))
+                             for v in variants) + " |")
     rows.append("| disease: small-flake / normal knees answered 骨质破坏, % | " + " | ".join(
         " / ".join(flake_answers[v][:2]) for v in variants) + " |")
     rows.append(f"| description: small-flake / normal knees reported with {FLAKE_FINDING}, % | " + " | ".join(

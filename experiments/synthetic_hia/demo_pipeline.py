@@ -1351,7 +1351,7 @@ def main(argv=None):
     parser.add_argument("--hia-layers", type=int, nargs="+", default=None,
                         help="hia: the decoder layers HiA follows (default: HIA_KWARGS['layers'])")
     parser.add_argument("--seed", type=int, default=0,
-                        help="hia: seed of the adapter's initialisation and of its batches (0: the shipped runs)")
+                        help="hia: seed of the adapter's initialisation and of its batches (0: runs A-J; 1: run K)")
     parser.add_argument("--feature-records", type=int, default=0,
                         help="features: cache the high-resolution features of this many training records (0: all)")
     parser.add_argument("--flake-normal-weight", type=float, default=2.0,
