@@ -1,6 +1,7 @@
 """The demo-model experiment's measuring tools: a split rendered in part must equal the same records of the full
 split, and a difference between two variants comes with an interval that says how much the records allow."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,12 @@ def render(output, *extra):
 def test_only_task_and_kind_render_exactly_the_full_splits_records(tmp_path):
     full = render(tmp_path / "full")
     part = render(tmp_path / "part", "--only-task", "comparative", "--only-kind", "flake")
-    by_id = {line.split('"', 4)[3]: line for line in full}
+    by_id = {json.loads(line)["id"]: line for line in full}
     assert len(full) == 24
     # 24 records hold 6 comparative ones, the first 4 of the comparative labels' cycle being the flake's 4 changes
     assert len(part) == 4 and all('"task": "comparative"' in line and '"kind": "flake"' in line for line in part)
     for line in part:
-        assert by_id[line.split('"', 4)[3]] == line
+        assert by_id[json.loads(line)["id"]] == line
     images = sorted(path.relative_to(tmp_path / "part") for path in (tmp_path / "part" / "images").rglob("*.png"))
     assert len(images) == 8
     for image in images:

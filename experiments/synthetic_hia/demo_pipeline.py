@@ -776,6 +776,12 @@ def write_small_flake_pairs(records, path):
     return len(chosen)
 
 
+def pair_change_features(before, after):
+    """What the change classifiers read of a pair: `(..., F)` before and after -> `(..., 3 * F)`, (before, after,
+    after - before)."""
+    return torch.cat([before, after, after - before], -1)
+
+
 @torch.no_grad()
 def probe_pair_features(probe, pixels, images, batch_size):
     """A vision probe's read of each pair's flake: per image, the flake channel's strongest cell (max logit), its
@@ -790,7 +796,7 @@ def probe_pair_features(probe, pixels, images, batch_size):
     if with_amounts:  # and the amount read at the strongest flake cell
         per_image.append(output[1][:, 0].flatten(1).gather(1, flake.argmax(-1, keepdim=True))[:, 0])
     per_image = torch.stack(per_image, -1).view(len(images), 2, -1)
-    return torch.cat([per_image[:, 0], per_image[:, 1], per_image[:, 1] - per_image[:, 0]], -1)
+    return pair_change_features(per_image[:, 0], per_image[:, 1])
 
 
 def controls_pairs(args):
@@ -1171,7 +1177,7 @@ def train_hia(args):
                 before, after = values[:, 0], values[:, 1]
                 change = torch.tensor([CHANGES.index(train.records[r]["meta"]["change"]) for r in records])
                 loss = loss + args.pair_aux * F.cross_entropy(
-                    pair_head(torch.cat([before, after, after - before], -1)), change)
+                    pair_head(pair_change_features(before, after)), change)
             if aux_head is None:
                 return loss
             logits = aux_head(captured["values"])  # (images, tokens or 1, kinds * sides * segments + NUM_KINDS)

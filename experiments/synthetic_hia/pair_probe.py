@@ -65,9 +65,9 @@ def extracted_values(model, processor, split, pairs, batch_size=8):
         lambda module, inputs, index=index: masses.__setitem__(index, attention_mass(module, *inputs[:2])))
         for index, block in enumerate(blocks)]
 
-    def pair_rows(per_image, count):  # (2 * count, F) -> (count, 3 * F): before, after, after - before
+    def pair_rows(per_image, count):  # (2 * count, F) -> (count, 3 * F)
         both = per_image.view(count, 2, -1)
-        return torch.cat([both[:, 0], both[:, 1], both[:, 1] - both[:, 0]], -1)
+        return dp.pair_change_features(both[:, 0], both[:, 1])
 
     batcher, rows, mass_rows = dp.Batcher(processor, split), [], []
     for start in range(0, len(pairs), batch_size):
@@ -143,7 +143,7 @@ def box_features(split, features, pairs):
         at_before = cells(before)
         at_after = cells(after) if split.boxes[after][0][0] >= 0 else at_before
         first, second = features[before][at_before].mean(0), features[after][at_after].mean(0)
-        rows.append(torch.cat([first, second, second - first]))
+        rows.append(dp.pair_change_features(first, second))
     return torch.stack(rows)
 
 
@@ -237,6 +237,9 @@ def main():
             train_pairs, train_mass = (split, pairs), mass
     (x_train, y_train), (x_test, y_test) = data["train"], data["second validation"]
     width = x_train.shape[-1] // 3
+    # Each block's extracted values are read twice: from their change alone and from the whole pair.
+    value_reads = (("after - before", slice(2 * width, 3 * width)),
+                   ("before, after, after - before", slice(0, 3 * width)))
     if args.folds:
         # The same training pairs, each predicted out of fold: many more held-out pairs than the second set's 29,
         # for the vision probe's read of the flake (what the encoder sees) and for HiA's extracted values.
@@ -251,8 +254,7 @@ def main():
         predicted = cross_validated(box_features(split, features, pairs), y_train, args.folds)
         print(f"  encoder features at the flake's box (its location known): {tally(predicted, y_train)}")
         for block in range(x_train.shape[1]):
-            for name, columns in (("after - before", slice(2 * width, 3 * width)),
-                                  ("before, after, after - before", slice(0, 3 * width))):
+            for name, columns in value_reads:
                 predicted = cross_validated(x_train[:, block, columns], y_train, args.folds)
                 print(f"  HiA block {block}, {name}: {tally(predicted, y_train)}")
         for block in range(x_train.shape[1]):
@@ -266,8 +268,7 @@ def main():
     print(f"small-flake pairs: {len(y_train)} training, {len(y_test)} second validation; "
           f"changes {dp.FLAKE_CHANGES}")
     for block in range(x_train.shape[1]):
-        for name, columns in (("after - before", slice(2 * width, 3 * width)),
-                              ("before, after, after - before", slice(0, 3 * width))):
+        for name, columns in value_reads:
             torch.manual_seed(0)
             predicted = dp.fit_change_classifier(x_train[:, block, columns], y_train, steps=400, lr=0.02,
                                                  l2=1e-2)(x_test[:, block, columns])
